@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Sets up everything vlkit needs on a fresh machine, idempotently:
+#   1. Debian packages (Fashion-MNIST) through apt-get, when we can;
+#   2. .venv with torch installed FIRST and pinned (a bare `torch` pulls a CUDA build);
+#   3. vlkit itself (editable) with its dependencies and the offline asset packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_VERSION="${VLKIT_TORCH_VERSION:-2.13.0}"
+PY="${PYTHON:-python3}"
+
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        echo "[setup] installing Debian package dataset-fashion-mnist"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
+            || echo "[setup] WARNING: apt-get failed; vlkit falls back to the synthetic world"
+    else
+        echo "[setup] WARNING: cannot apt-get (not root); Fashion-MNIST missing, the synthetic world is used"
+    fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+    echo "[setup] installing torch==$TORCH_VERSION"
+    .venv/bin/python -m pip install -q "torch==$TORCH_VERSION"
+fi
+echo "[setup] installing vlkit and its dependencies"
+.venv/bin/python -m pip install -q -e ".[test]"
