@@ -1,0 +1,108 @@
+"""Small layers: a fast Linear and the residual-branch helpers.
+
+- :class:`Linear`: ``nn.Linear`` (same parameters, same state dict) whose fp32 CPU matmuls run
+  through oneDNN, forward and backward. On AVX-512 CPUs where MKL's sgemm does not use its best
+  kernels (e.g. AMD EPYC) this is about 1.5-2x faster per GEMM; elsewhere it is on par.
+  ``VLKIT_ONEDNN_LINEAR=0`` turns it off.
+- :class:`LayerScale`: per-channel scaling of a residual branch, initialised small
+  (Touvron et al. 2021, "Going deeper with Image Transformers" (CaiT), §2.1, eq. 4).
+- :class:`DropPath`: stochastic depth, dropping a whole residual branch per sample
+  (Huang et al. 2016, "Deep Networks with Stochastic Depth").
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+ONEDNN_LINEAR = (os.environ.get("VLKIT_ONEDNN_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
+                 and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _onednn_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., in) @ weight (out, in)^T + bias -> (..., out) with oneDNN (any strides)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b; backward: dx = dy W, dW = (x^T dy)^T, db = sum(dy), all GEMMs through oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_mm(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_mm(grad, weight.t(), None)  # (..., in)
+        if ctx.needs_input_grad[1]:
+            x_2d = x.reshape(-1, x.shape[-1])  # (N, in)
+            grad_w = _onednn_mm(x_2d.t(), grad_2d.t(), None).t().contiguous()  # (out, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_2d.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with fp32 CPU tensors routed through oneDNN (see module docstring)."""
+    use_onednn = (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+                  and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+    if use_onednn:
+        return _OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` computed by :func:`linear`: same parameters, init and state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class LayerScale(nn.Module):
+    """x (..., dim) -> x * gamma, with gamma a learned (dim,) vector initialised to ``init_values``."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5):
+        super().__init__()
+        self.init_values = init_values
+        self.gamma = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.gamma, self.init_values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Zero the whole of ``x[b]`` for each sample b with probability ``drop_prob``, scaling the
+    kept samples by 1 / (1 - drop_prob) so the expectation is unchanged. Identity at eval."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1.0 - drop_prob
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # (B, 1, ..., 1): one draw per sample
+    return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth on a residual branch, per sample; identity in eval mode."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
