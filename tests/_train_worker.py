@@ -1,0 +1,101 @@
+"""A tiny training run for the loop tests, run as a subprocess (SIGKILL, torchrun).
+
+usage: _train_worker.py RUN_DIR [--steps N] [--kill-at S] [--resume] [--dropout P] [--accum K] [--batch B]
+The final weights are in RUN_DIR/final.safetensors (main process).
+"""
+import argparse
+import os
+import signal
+import sys
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from vlkit.data.base import TransformedDataset
+from vlkit.train import TrainConfig, Trainer
+from vlkit.train import distributed as dist
+
+
+class Points(torch.utils.data.Dataset):
+    """64 fixed random 8-d points with 4 classes; item 13 is unusable (None)."""
+
+    def __init__(self, n=64, with_bad=True):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = (self.x[:, 0] > 0).long() + 2 * (self.x[:, 1] > 0).long()
+        self.with_bad = with_bad
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        if self.with_bad and i == 13:
+            return None
+        return {"image": self.x[i], "label": int(self.y[i])}
+
+
+def jitter(x, g):
+    """A random augmentation drawing from the per-sample generator."""
+    return x + 0.1 * torch.randn(x.shape, generator=g)
+
+
+def make_model(dropout: float) -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Dropout(dropout), nn.Linear(32, 4))
+
+
+def objective(model, batch):
+    logits = model(batch["image"])
+    loss = F.cross_entropy(logits, batch["label"])
+    return {"loss": loss, "acc": (logits.argmax(-1) == batch["label"]).float().mean()}
+
+
+class KillAt:
+    """A batch transform that SIGKILLs this process when step `at` is reached (mid-run, after a checkpoint)."""
+
+    def __init__(self, trainer_ref, at):
+        self.ref, self.at = trainer_ref, at
+
+    def __call__(self, batch, g):
+        if self.ref[0].step == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return batch
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("run_dir")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--kill-at", type=int, default=-1)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--no-bad", action="store_true", help="no unusable sample (equal per-rank batch sizes)")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    dist.init_distributed()
+    data = TransformedDataset(Points(with_bad=not a.no_bad), jitter, seed=3)
+    cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch, grad_accum_steps=a.accum, lr=1e-2, warmup_steps=2,
+                      checkpoint_every=4, keep_checkpoints=2, progress=False, log_every=2, num_workers=a.workers,
+                      ema_decay=0.9, clip_grad_norm=1.0)
+    ref = [None]
+    trainer = Trainer(make_model(a.dropout), objective, data, cfg, a.run_dir,
+                      batch_transform=KillAt(ref, a.kill_at) if a.kill_at >= 0 else None)
+    ref[0] = trainer
+    summary = trainer.fit(resume=a.resume)
+    if dist.is_main():
+        save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()},
+                  os.path.join(a.run_dir, "final.safetensors"))
+        ema = {f"ema.{k}": v.contiguous() for k, v in trainer.ema.module.state_dict().items()}
+        save_file(ema, os.path.join(a.run_dir, "final_ema.safetensors"))
+        print("skipped", summary["skipped_samples"])
+    dist.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
