@@ -55,5 +55,8 @@ def all_reduce_sum(value: float | int) -> float:
 
 
 def cleanup() -> None:
+    """Leave the process group; every rank waits for the others first (gloo aborts a process
+    whose peer tears the group down while it is still using it)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

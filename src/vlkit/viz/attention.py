@@ -42,7 +42,7 @@ def save_attention_grid(images: torch.Tensor, layer_maps: Sequence[torch.Tensor]
         axes[i, 0].set_title(titles[i] if i < len(titles) else "image", fontsize=7)
         for j, h in enumerate(heat):
             axes[i, j + 1].imshow(shown.mean(-1), cmap="gray", interpolation="nearest")
-            axes[i, j + 1].imshow(h[i], cmap="jet", alpha=0.5, interpolation="bilinear")
+            axes[i, j + 1].imshow(h[i].numpy(), cmap="jet", alpha=0.5, interpolation="bilinear")
             if i == 0:
                 axes[i, j + 1].set_title(layer_names[j], fontsize=7)
     for ax in axes.flat:

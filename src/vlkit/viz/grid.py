@@ -9,15 +9,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def to_display(image: torch.Tensor) -> torch.Tensor:
-    """(C, H, W) float image (any range) -> (H, W, C) in [0, 1] for imshow (min-max if needed)."""
+def to_display(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) float image (any range) -> (H, W, C) array in [0, 1] for imshow (min-max if needed)."""
     image = image.detach().float().cpu()
     if image.min() < 0 or image.max() > 1:
         image = (image - image.min()) / (image.max() - image.min()).clamp(min=1e-8)
-    return image.permute(1, 2, 0).clamp(0, 1)
+    return image.permute(1, 2, 0).clamp(0, 1).numpy()
 
 
 def save_prediction_grid(images: torch.Tensor, true: Sequence[str], pred: Sequence[str], path: str | Path,

@@ -1,0 +1,170 @@
+"""The ``vlkit`` command line: train, eval, predict, quickstart.
+
+Every command reads its configuration the same way: a YAML recipe (a path, or the name of a
+file in ``configs/``) and ``key=value`` overrides (``train.lr=1e-3 model.vit.depth=6``).
+Multi-process: ``torchrun --nproc_per_node N -m vlkit.cli train RECIPE``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from vlkit.config import ConfigError, apply_overrides, from_dict, read_yaml
+
+log = logging.getLogger("vlkit")
+
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def recipe_path(name: str) -> Path:
+    """A recipe file: ``name`` itself if it exists, else ``configs/<name>[.yaml]``."""
+    for candidate in (Path(name), CONFIGS_DIR / name, CONFIGS_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))) if CONFIGS_DIR.is_dir() else "none"
+    raise FileNotFoundError(f"no recipe {name!r} (not a file; recipes in {CONFIGS_DIR}: {known})")
+
+
+def tasks() -> dict:
+    """task name -> (recipe dataclass, train(cfg, run_dir, resume) -> result)."""
+    from vlkit.tasks import classification
+
+    return {"classification": (classification.ClassificationConfig, classification.train)}
+
+
+def merge(base: dict, child: dict) -> dict:
+    """``child`` deep-merged over ``base`` (mappings merge, other values replace)."""
+    out = dict(base)
+    for key, value in child.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_recipe(name: str, seen: tuple[str, ...] = ()) -> dict:
+    """Recipe ``name`` as a dict; a ``base: other_recipe`` key inherits ``other_recipe`` first."""
+    path = recipe_path(name)
+    if str(path) in seen:
+        raise ConfigError("base", f"recipes inherit in a cycle: {' -> '.join(seen)} -> {path}")
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    return merge(read_recipe(base, (*seen, str(path))), data) if base else data
+
+
+def load_recipe(name: str, overrides: list[str]):
+    """(recipe config, train function) for recipe ``name`` with ``overrides`` applied."""
+    data = apply_overrides(read_recipe(name), overrides)
+    task = data.get("task", "classification")
+    registry = tasks()
+    if task not in registry:
+        raise ConfigError("task", f"unknown task {task!r}; known: {', '.join(registry)}")
+    config_cls, train_fn = registry[task]
+    return from_dict(config_cls, data), train_fn
+
+
+def cmd_train(args) -> int:
+    from vlkit.train.distributed import cleanup, init_distributed, is_main
+
+    cfg, train_fn = load_recipe(args.recipe, args.overrides)
+    init_distributed()
+    try:
+        result = train_fn(cfg, args.run_dir, resume=args.resume)
+    finally:
+        cleanup()
+    if is_main():
+        print_eval(result.get("eval", {}))
+        print(f"run folder: {result['run_dir']}")
+    return 0
+
+
+def print_eval(evals: dict) -> None:
+    from vlkit.tasks.report import metrics_table
+
+    rows = {k: v for k, v in evals.items() if isinstance(v, dict) and "top1" in v}
+    if rows:
+        print(metrics_table(rows))
+
+
+def cmd_eval(args) -> int:
+    import vlkit
+    from vlkit.config import load_config
+    from vlkit.tasks.classification import ClassificationConfig, evaluate_model
+    from vlkit.tasks.data import build_splits
+
+    run = Path(args.run)
+    cfg = load_config(ClassificationConfig, run / "config.yaml", args.overrides)
+    model = vlkit.load(run)
+    evals = evaluate_model(model, build_splits(cfg.data), cfg.data, cfg.eval_batch_size)
+    print_eval(evals)
+    out = run / "eval-cli.json"
+    out.write_text(json.dumps(evals, indent=2))
+    print(f"metrics written to {out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from vlkit.tasks.predict import predict_files
+
+    results = predict_files(args.run, args.images, top_k=args.top_k)
+    ok = [r for r in results if "error" not in r]
+    for r in results:
+        if "error" in r:
+            print(f"{r['path']}: skipped ({r['error']})")
+        else:
+            print(f"{r['path']}: " + ", ".join(f"{c} {p:.3f}" for c, p in r["top"]))
+    if len(ok) < len(results):
+        print(f"{len(results) - len(ok)} of {len(results)} images skipped")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0 if ok else 1
+
+
+def cmd_quickstart(args) -> int:
+    from vlkit.tasks.quickstart import run_quickstart
+
+    report = run_quickstart(Path(args.out), tiny=args.tiny, overrides=args.overrides)
+    print(f"report: {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlkit", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a recipe: vlkit train RECIPE [key=value ...]")
+    t.add_argument("recipe", help="YAML recipe path or name in configs/")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-3")
+    t.add_argument("--run-dir", default=None, help="run folder (default: output_dir/name from the recipe)")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    t.set_defaults(fn=cmd_train)
+    e = sub.add_parser("eval", help="evaluate a run on its data: vlkit eval RUN [key=value ...]")
+    e.add_argument("run")
+    e.add_argument("overrides", nargs="*", help="overrides of the run's recipe, e.g. data.eval_limit=1000")
+    e.set_defaults(fn=cmd_eval)
+    r = sub.add_parser("predict", help="classify images: vlkit predict RUN IMAGE...")
+    r.add_argument("run", help="run folder, vlkit model folder or HF ViT/DeiT folder")
+    r.add_argument("images", nargs="+")
+    r.add_argument("--top-k", type=int, default=3)
+    r.add_argument("--json", default="", help="also write the predictions to this JSON file")
+    r.set_defaults(fn=cmd_predict)
+    q = sub.add_parser("quickstart", help="train, evaluate and report the main job (about 5 CPU minutes)")
+    q.add_argument("--out", default="runs/quickstart")
+    q.add_argument("--tiny", action="store_true", help="a seconds-long version (smoke test)")
+    q.add_argument("overrides", nargs="*", help="overrides of configs/quickstart.yaml")
+    q.set_defaults(fn=cmd_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Image-classification data: one config picks the dataset; :func:`build_splits` gives train/val/test.
+
+Datasets: Fashion-MNIST (Debian files), the synthetic world (always there, the fallback when
+Fashion-MNIST is missing), an ImageFolder tree, JSONL/CSV manifests. Transforms come from
+:class:`vlkit.data.transforms.TransformConfig`; each split is wrapped in a
+:class:`vlkit.data.base.TransformedDataset` so augmentation is seeded per (seed, epoch, index).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from vlkit.config import ConfigError
+from vlkit.data.base import TransformedDataset
+from vlkit.data.datasets import FASHION_MNIST_ROOT, FashionMNIST, ImageFolder, ManifestDataset
+from vlkit.data.transforms import TransformConfig, build_transform
+from vlkit.data.world import WorldConfig, WorldDataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    """Where the images and labels come from, and how they are split and transformed."""
+
+    dataset: Literal["fashion_mnist", "world", "imagefolder", "manifest"] = "fashion_mnist"  # source
+    root: str = FASHION_MNIST_ROOT  # fashion_mnist: folder of the idx files
+    train: str = ""  # imagefolder: tree root; manifest: JSONL/CSV file, of the training split
+    val: str = ""  # same for validation; empty = hold out `val_size` training samples
+    test: str = ""  # same for the test split; empty = no test split (imagefolder/manifest)
+    val_size: int = 5000  # training samples held out for validation when there is no val split
+    train_limit: int = 0  # use only the first N (shuffled) training samples; 0 = all
+    eval_limit: int = 0  # cap on validation/test samples; 0 = all
+    fallback: Literal["world", "error"] = "world"  # fashion_mnist missing: use the synthetic world, or fail
+    world: WorldConfig = field(default_factory=WorldConfig)  # the synthetic world (dataset=world)
+    transform: TransformConfig = field(default_factory=TransformConfig)  # preprocessing and augmentation
+    seed: int = 0  # seeds the train/val split and the augmentation
+
+    def __post_init__(self):
+        for name in ("val_size", "train_limit", "eval_limit"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.dataset in ("imagefolder", "manifest") and not self.train:
+            raise ConfigError("train", f"dataset={self.dataset} needs the path of the training split")
+
+
+class Subset(Dataset):
+    """``base`` restricted to ``indices``; keeps ``classes``."""
+
+    def __init__(self, base: Dataset, indices: torch.Tensor):
+        self.base, self.indices = base, [int(i) for i in indices]
+        self.classes = list(base.classes)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.base[self.indices[index]]
+
+
+@dataclass
+class Splits:
+    """Raw (untransformed) datasets of one source; ``extra`` holds additional eval splits."""
+
+    train: Dataset
+    val: Dataset
+    test: Optional[Dataset]
+    classes: list[str]
+    source: str  # the dataset actually used (after any fallback)
+    extra: dict[str, Dataset] = field(default_factory=dict)
+
+
+def _limit(ds: Dataset, n: int) -> Dataset:
+    return Subset(ds, torch.arange(n)) if 0 < n < len(ds) else ds
+
+
+def _hold_out(train: Dataset, cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """A deterministic (seeded) split of ``train`` into (train, val of ``cfg.val_size``)."""
+    if cfg.val_size >= len(train):
+        raise ConfigError("data.val_size", f"{cfg.val_size} >= the {len(train)} training samples")
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
+    return Subset(train, perm[cfg.val_size:]), Subset(train, perm[:cfg.val_size])
+
+
+def _world_splits(cfg: DataConfig) -> Splits:
+    ds = {s: WorldDataset(cfg.world, s, task="classification") for s in ("train", "val", "test", "compositional")}
+    classes = list(ds["train"].classes)
+    return Splits(ds["train"], ds["val"], ds["test"], classes, "world", extra={"compositional": ds["compositional"]})
+
+
+def _file_splits(cfg: DataConfig) -> Splits:
+    kind = ImageFolder if cfg.dataset == "imagefolder" else ManifestDataset
+    train = kind(cfg.train)
+    classes = list(train.classes)
+    loaded = {}
+    for name in ("val", "test"):
+        path = getattr(cfg, name)
+        if path:
+            loaded[name] = kind(path)
+            if list(loaded[name].classes) != classes:
+                raise ConfigError(f"data.{name}", f"classes {list(loaded[name].classes)} differ from "
+                                                  f"the training split's {classes}")
+    if "val" not in loaded:
+        train, loaded["val"] = _hold_out(train, cfg)
+    return Splits(train, loaded["val"], loaded.get("test"), classes, cfg.dataset)
+
+
+def build_splits(cfg: DataConfig) -> Splits:
+    """The raw splits of ``cfg.dataset`` with the limits applied (logged)."""
+    if cfg.dataset == "fashion_mnist" and not FashionMNIST.available(cfg.root):
+        if cfg.fallback == "error":
+            raise FileNotFoundError(f"Fashion-MNIST not found in {cfg.root}: apt-get install dataset-fashion-mnist")
+        log.warning("Fashion-MNIST not found in %s: using the synthetic world instead", cfg.root)
+        splits = _world_splits(cfg)
+    elif cfg.dataset == "fashion_mnist":
+        full = FashionMNIST(cfg.root, "train")
+        train, val = _hold_out(full, cfg)
+        splits = Splits(train, val, FashionMNIST(cfg.root, "test"), list(FashionMNIST.classes), "fashion_mnist")
+    elif cfg.dataset == "world":
+        splits = _world_splits(cfg)
+    else:
+        splits = _file_splits(cfg)
+    if cfg.train_limit:
+        splits.train = Subset(splits.train, torch.randperm(len(splits.train), generator=torch.Generator()
+                                                             .manual_seed(cfg.seed + 1))[:cfg.train_limit])
+    splits.val = _limit(splits.val, cfg.eval_limit)
+    splits.test = _limit(splits.test, cfg.eval_limit) if splits.test is not None else None
+    splits.extra = {k: _limit(v, cfg.eval_limit) for k, v in splits.extra.items()}
+    log.info("data %s: %d train, %d val, %s test, %d classes", splits.source, len(splits.train), len(splits.val),
+             len(splits.test) if splits.test is not None else "no", len(splits.classes))
+    return splits
+
+
+def train_dataset(splits: Splits, cfg: DataConfig) -> TransformedDataset:
+    return TransformedDataset(splits.train, build_transform(cfg.transform, train=True), seed=cfg.seed)
+
+
+def eval_dataset(ds: Dataset, cfg: DataConfig) -> TransformedDataset:
+    return TransformedDataset(ds, build_transform(cfg.transform, train=False), seed=cfg.seed)
+
