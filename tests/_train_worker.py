@@ -1,9 +1,11 @@
 """A tiny training run for the loop tests, run as a subprocess (SIGKILL, torchrun).
 
 usage: _train_worker.py RUN_DIR [--steps N] [--kill-at S] [--resume] [--dropout P] [--accum K] [--batch B]
-The final weights are in RUN_DIR/final.safetensors (main process).
+                        [--workers W] [--ckpt-every C] [--no-bad] [--no-noise]
+The main process writes RUN_DIR/final.safetensors, final_ema.safetensors and summary.json.
 """
 import argparse
+import json
 import os
 import signal
 import sys
@@ -19,7 +21,7 @@ from vlkit.train import distributed as dist
 
 
 class Points(torch.utils.data.Dataset):
-    """64 fixed random 8-d points with 4 classes; item 13 is unusable (None)."""
+    """64 fixed random 8-d points with 4 classes; item 13 is unusable (None) unless ``with_bad`` is False."""
 
     def __init__(self, n=64, with_bad=True):
         g = torch.Generator().manual_seed(0)
@@ -37,8 +39,15 @@ class Points(torch.utils.data.Dataset):
 
 
 def jitter(x, g):
-    """A random augmentation drawing from the per-sample generator."""
+    """A random per-sample augmentation drawing from the per-sample generator."""
     return x + 0.1 * torch.randn(x.shape, generator=g)
+
+
+def batch_noise(batch, g):
+    """A random batch transform (like Mixup) drawing from the loop's per-step (CPU) generator."""
+    image = batch["image"]
+    batch["image"] = image + 0.05 * torch.randn(image.shape, generator=g).to(image.device)
+    return batch
 
 
 def make_model(dropout: float) -> nn.Module:
@@ -52,19 +61,18 @@ def objective(model, batch):
     return {"loss": loss, "acc": (logits.argmax(-1) == batch["label"]).float().mean()}
 
 
-class KillAt:
-    """A batch transform that SIGKILLs this process when step `at` is reached (mid-run, after a checkpoint)."""
+class KillingTrainer(Trainer):
+    """SIGKILLs its own process when step ``kill_at`` starts: no cleanup, no atexit, like a crash."""
 
-    def __init__(self, trainer_ref, at):
-        self.ref, self.at = trainer_ref, at
+    kill_at = -1
 
-    def __call__(self, batch, g):
-        if self.ref[0].step == self.at:
+    def _step(self, batch):
+        if self.step == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        return batch
+        return super()._step(batch)
 
 
-def main():
+def parse():
     p = argparse.ArgumentParser()
     p.add_argument("run_dir")
     p.add_argument("--steps", type=int, default=12)
@@ -74,25 +82,31 @@ def main():
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--ckpt-every", type=int, default=3)
     p.add_argument("--no-bad", action="store_true", help="no unusable sample (equal per-rank batch sizes)")
-    a = p.parse_args()
+    p.add_argument("--no-noise", action="store_true", help="no batch transform (it is seeded per rank)")
+    return p.parse_args()
+
+
+def main():
+    a = parse()
     torch.set_num_threads(1)
     dist.init_distributed()
     data = TransformedDataset(Points(with_bad=not a.no_bad), jitter, seed=3)
     cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch, grad_accum_steps=a.accum, lr=1e-2, warmup_steps=2,
-                      checkpoint_every=4, keep_checkpoints=2, progress=False, log_every=2, num_workers=a.workers,
-                      ema_decay=0.9, clip_grad_norm=1.0)
-    ref = [None]
-    trainer = Trainer(make_model(a.dropout), objective, data, cfg, a.run_dir,
-                      batch_transform=KillAt(ref, a.kill_at) if a.kill_at >= 0 else None)
-    ref[0] = trainer
+                      checkpoint_every=a.ckpt_every, keep_checkpoints=2, progress=False, log_every=1,
+                      num_workers=a.workers, ema_decay=0.9, clip_grad_norm=1.0)
+    trainer = KillingTrainer(make_model(a.dropout), objective, data, cfg, a.run_dir,
+                             batch_transform=None if a.no_noise else batch_noise)
+    trainer.kill_at = a.kill_at
     summary = trainer.fit(resume=a.resume)
     if dist.is_main():
         save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()},
                   os.path.join(a.run_dir, "final.safetensors"))
-        ema = {f"ema.{k}": v.contiguous() for k, v in trainer.ema.module.state_dict().items()}
-        save_file(ema, os.path.join(a.run_dir, "final_ema.safetensors"))
-        print("skipped", summary["skipped_samples"])
+        save_file({k: v.contiguous() for k, v in trainer.ema.state_dict().items()},
+                  os.path.join(a.run_dir, "final_ema.safetensors"))
+        with open(os.path.join(a.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f)
     dist.cleanup()
     return 0
 

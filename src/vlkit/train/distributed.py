@@ -1,14 +1,18 @@
 """Multi-process training through ``torchrun``: process group set-up and small collectives.
 
-``torchrun --nproc_per_node N ...`` sets RANK / WORLD_SIZE / LOCAL_RANK; without them
-everything here is a no-op for a single process. Backend: NCCL on CUDA, gloo on CPU.
+``torchrun --nproc_per_node N ...`` sets RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_ADDR/PORT);
+without them everything here is a no-op for a single process. Backend: NCCL on CUDA, gloo on CPU.
 """
 from __future__ import annotations
 
+import logging
 import os
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 def init_distributed() -> bool:
@@ -19,6 +23,7 @@ def init_distributed() -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
+    log.info("process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return True
 
 
@@ -30,13 +35,18 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0")) if dist.is_initialized() else 0
+
+
 def is_main() -> bool:
     return rank() == 0
 
 
 def device() -> torch.device:
+    """This process's device: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", local_rank())
     return torch.device("cpu")
 
 
@@ -45,13 +55,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(value: float | int) -> float:
-    """Sum of a Python number over ranks."""
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor(float(value), dtype=torch.float64, device=device() if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return t.item()
+def _reduce(values: Sequence[float]) -> list[float]:
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.to(device())
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def all_reduce_sum(values: Sequence[float]) -> list[float]:
+    """Element-wise sum over ranks of a list of Python numbers (one collective)."""
+    return _reduce(values)
+
+
+def all_reduce_mean(values: Sequence[float]) -> list[float]:
+    """Element-wise mean over ranks of a list of Python numbers (one collective)."""
+    return [v / world_size() for v in _reduce(values)]
 
 
 def cleanup() -> None:

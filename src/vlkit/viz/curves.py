@@ -10,32 +10,43 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-SKIP = {"step", "epoch", "split", "elapsed_s", "batch_size", "nonfinite_steps", "samples_per_s"}
+SKIP = {"step", "epoch", "split", "elapsed_s", "batch_size", "nonfinite_steps", "samples_per_s", "skipped_samples"}
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The JSON lines of ``path`` (blank or truncated trailing lines ignored)."""
+    """The JSON objects of the lines of ``path`` (blank, truncated or non-object lines ignored)."""
     records = []
     for line in Path(path).read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
-def plot_metrics(path: str | Path, out: str | Path) -> Path:
-    """Write ``out`` (PNG): for every numeric metric, its value against the step, per split."""
-    records = read_metrics(path)
-    series: dict[str, dict[str, list]] = {}
+def metric_series(records: list[dict]) -> dict[str, dict[str, tuple[list, list]]]:
+    """``{metric: {split: (steps, values)}}`` of the numeric metrics (records without a step skipped)."""
+    series: dict[str, dict[str, tuple[list, list]]] = {}
     for r in records:
-        split = r.get("split", "train")
+        if not isinstance(r.get("step"), (int, float)):
+            continue
+        split = str(r.get("split", "train"))
         for key, value in r.items():
-            if key in SKIP or not isinstance(value, (int, float)) or "step" not in r:
+            if key in SKIP or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             xs, ys = series.setdefault(key, {}).setdefault(split, ([], []))
             xs.append(r["step"])
             ys.append(value)
+    return series
+
+
+def plot_metrics(path: str | Path, out: str | Path) -> Path:
+    """Write ``out`` (PNG) from ``metrics.jsonl`` lines ``{"step", "split" ("train" | "val"), metric: number}``:
+    one panel per metric (loss first, lr on a log scale), its value against the step, one line per split.
+    Missing keys, a single point or no metric at all still give a valid image."""
+    series = metric_series(read_metrics(path))
     names = sorted(series, key=lambda k: (k != "loss", k))
     cols = min(3, max(1, len(names)))
     rows = max(1, math.ceil(len(names) / cols))
@@ -45,12 +56,14 @@ def plot_metrics(path: str | Path, out: str | Path) -> Path:
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=split)
         ax.set_title(name)
         ax.set_xlabel("step")
-        if name == "lr" or name.startswith("loss") and min(min(v[1]) for v in series[name].values()) > 0:
-            ax.set_yscale("log" if name == "lr" else "linear")
+        if name == "lr" and all(y > 0 for _, ys in series[name].values() for y in ys):
+            ax.set_yscale("log")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
+    if not names:
+        axes.flat[0].text(0.5, 0.5, "no metrics yet", ha="center", va="center")
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=100)
