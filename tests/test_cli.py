@@ -41,6 +41,16 @@ def test_resume_a_finished_run_changes_nothing(tmp_path):
     assert (run / "model" / "model.safetensors").read_bytes() == before
 
 
+def test_a_run_is_a_function_of_its_seed(tmp_path):
+    """Same recipe and seed in two fresh folders: the same weights (initialisation included)."""
+    weights = []
+    for name in ("a", "b", "c"):
+        seed = "train.seed=1" if name == "c" else "train.seed=0"
+        assert main(["train", "vit_world", *TINY, "train.eval_every=0", seed, "--run-dir", str(tmp_path / name)]) == 0
+        weights.append((tmp_path / name / "model" / "model.safetensors").read_bytes())
+    assert weights[0] == weights[1] and weights[0] != weights[2]
+
+
 @pytest.mark.parametrize("override, field", [
     ("model.vit.patch_size=5", "image_size"),
     ("model.vit.depht=3", "model.vit.depht"),

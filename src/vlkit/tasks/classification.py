@@ -131,14 +131,15 @@ def _base_criterion(cfg: ClassificationConfig):
 
 
 def build_teacher(cfg: ClassificationConfig, splits: Splits, run_dir: Path, resume: bool) -> Optional[nn.Module]:
-    """The DeiT teacher: a trained run, or EfficientNet-Lite0 fine-tuned here (kept in run_dir/teacher)."""
+    """The DeiT teacher: a trained run, or EfficientNet-Lite0 fine-tuned here (kept in run_dir/teacher,
+    reused when the run is resumed)."""
     t = cfg.teacher
     if t.kind == "none":
         return None
     if t.kind == "run":
         return load(t.path)
     folder = run_dir / "teacher"
-    if (folder / "model" / "config.json").exists():
+    if resume and (folder / "model" / "config.json").exists():
         log.info("teacher: reusing the fine-tuned EfficientNet-Lite0 in %s", folder)
         return load(folder)
     mcfg = replace(cfg.model, arch="efficientnet_lite0", backbone="none", convnet_size=t.image_size)
@@ -174,7 +175,9 @@ def train(cfg: ClassificationConfig, run_dir: str | Path | None = None, resume: 
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main():
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    torch.manual_seed(cfg.train.seed)  # initialisations are a function of the seed too
     teacher = build_teacher(cfg, splits, run_dir, resume)
+    torch.manual_seed(cfg.train.seed + 1)  # the student's: the same with or without a teacher
     model = build_classifier(cfg.model)
     criterion = DistillationLoss(_base_criterion(cfg), teacher, "none" if teacher is None else cfg.teacher.distillation,
                                  alpha=cfg.teacher.alpha, tau=cfg.teacher.tau)
