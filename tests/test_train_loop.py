@@ -20,7 +20,7 @@ from vlkit.train import (ModelEMA, NonFiniteLossError, ParamGroupConfig, Repeate
                          ResumableSampler, TrainConfig, Trainer, find_latest, load_checkpoint, restore_rng,
                          save_checkpoint)
 from vlkit.train.optim import build_optimizer, lr_at
-from vlkit.viz.curves import plot_metrics
+from vlkit.viz.curves import metric_series, plot_metrics, plotted_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _train_worker import Points, jitter, make_model, objective  # noqa: E402
@@ -85,6 +85,12 @@ def test_plot_metrics_survives_missing_keys_and_single_points(tmp_path):
     assert plot_metrics(path, tmp_path / "a.png").read_bytes()[:8] == PNG
     path.write_text("")
     assert plot_metrics(path, tmp_path / "b.png").read_bytes()[:8] == PNG
+
+
+def test_curves_leave_out_terms_that_stayed_zero():
+    records = [{"step": s, "split": "train", "loss": 2.0 / s, "loss_dist": 0.0, "lr": 0.1 * (s - 1), "top1": 0}
+               for s in (1, 2, 3)] + [{"step": 3, "split": "val", "top1": 50.0, "loss": 1.0}]
+    assert plotted_metrics(metric_series(records)) == ["loss", "lr", "top1"]
 
 
 # ---------------------------------------------------------------------------- 2: parameter groups

@@ -42,12 +42,19 @@ def metric_series(records: list[dict]) -> dict[str, dict[str, tuple[list, list]]
     return series
 
 
+def plotted_metrics(series: dict[str, dict[str, tuple[list, list]]]) -> list[str]:
+    """The metrics worth a panel, loss first: a term that stayed exactly 0 in every split (a loss
+    switched off, e.g. ``loss_dist`` without a teacher) carries nothing and is left out."""
+    names = [k for k, splits in series.items() if any(y != 0 for _, ys in splits.values() for y in ys)]
+    return sorted(names, key=lambda k: (k != "loss", k))
+
+
 def plot_metrics(path: str | Path, out: str | Path) -> Path:
     """Write ``out`` (PNG) from ``metrics.jsonl`` lines ``{"step", "split" ("train" | "val"), metric: number}``:
     one panel per metric (loss first, lr on a log scale), its value against the step, one line per split.
     Missing keys, a single point or no metric at all still give a valid image."""
     series = metric_series(read_metrics(path))
-    names = sorted(series, key=lambda k: (k != "loss", k))
+    names = plotted_metrics(series)
     cols = min(3, max(1, len(names)))
     rows = max(1, math.ceil(len(names) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
