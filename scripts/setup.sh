@@ -28,3 +28,8 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
 fi
 echo "[setup] installing vlkit and its dependencies"
 .venv/bin/python -m pip install -q -e ".[test]"
+# Asset packages installed WITHOUT their dependencies (ASSETS.md): read by path, never imported.
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('open_clip') is None)" 2>/dev/null; then
+    echo "[setup] installing open_clip_torch (its CLIP BPE vocabulary file only, --no-deps)"
+    .venv/bin/python -m pip install -q --no-deps "open_clip_torch==3.3.0"
+fi

@@ -1,0 +1,202 @@
+"""Text tokenizers through the ``tokenizers`` library: OpenAI CLIP's BPE, any ``tokenizer.json``,
+and a CLIP-style byte-level BPE trained on a caption corpus (for models trained from scratch).
+
+Every tokenizer is a :class:`TextTokenizer`: ``tok(texts, context_length)`` gives padded
+``input_ids`` and ``attention_mask`` tensors with the start/end tokens added, truncated so that
+the end token is always kept (the CLIP text tower pools at it).
+
+OpenAI CLIP (Radford et al. 2021) tokenises lower-cased, whitespace-normalised text with a
+byte-level BPE whose words end in ``</w>``; :func:`clip_tokenizer` builds it from the vocabulary
+file ``bpe_simple_vocab_16e6.txt.gz`` (shipped by ``open_clip_torch``, read by path, never
+imported) and gives the ids of open_clip's ``SimpleTokenizer``.
+"""
+from __future__ import annotations
+
+import gzip
+import html
+import importlib.util
+import itertools
+import json
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+CLIP_BOS, CLIP_EOS = "<start_of_text>", "<end_of_text>"
+CLIP_CONTEXT = 77
+# OpenAI CLIP's word pattern: contractions, runs of letters, single digits, runs of other symbols.
+CLIP_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+META = "vlkit_tokenizer.json"
+MIN_TRAINED_VOCAB = 512  # train_bpe: 256 bytes + 158 byte word ends + 3 special tokens, then merges  # next to tokenizer.json: which ids are bos / eos / pad
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def clean_text(text: str) -> str:
+    """CLIP's cleaning before tokenising: ftfy (when installed), HTML entities, whitespace runs."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    return html.unescape(html.unescape(text)).strip()
+
+
+def _clip_pipeline(tok: Tokenizer) -> Tokenizer:
+    """The normaliser, pre-tokeniser and decoder of CLIP's tokenizer, set on ``tok``."""
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Strip(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    return tok
+
+
+class TextTokenizer:
+    """A ``tokenizers.Tokenizer`` with the start / end / padding ids a text tower needs.
+
+    ``__call__(texts, context_length)`` -> ``{"input_ids": LongTensor (B, L), "attention_mask":
+    LongTensor (B, L)}`` with L = ``context_length`` (or the longest text when None); each row is
+    ``[bos] + ids + [eos]`` cut to L with ``eos`` kept last, then padded with ``pad_id``.
+    ``clean``: apply :func:`clean_text` first (CLIP does); ``byte_words``: the vocabulary is CLIP's
+    byte-level alphabet with ``</w>`` word ends (decoded here, ``tokenizers`` has no such decoder).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, bos_id: Optional[int], eos_id: Optional[int], pad_id: int = 0,
+                 clean: bool = False, byte_words: bool = False):
+        self.tokenizer, self.bos_id, self.eos_id, self.pad_id = tokenizer, bos_id, eos_id, pad_id
+        self.clean, self.byte_words = clean, byte_words
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, no start / end tokens."""
+        return self.tokenizer.encode(clean_text(text) if self.clean else text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids`` (special tokens and padding dropped)."""
+        ids = [int(i) for i in ids]
+        if not self.byte_words:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        special = {self.bos_id, self.eos_id, self.pad_id}
+        text = "".join(self.tokenizer.id_to_token(i) or "" for i in ids if i not in special)
+        inverse = {c: b for b, c in bytes_to_unicode().items()}
+        words = text.split("</w>")
+        raw = b" ".join(bytes(inverse[c] for c in w if c in inverse) for w in words)
+        return raw.decode("utf-8", errors="replace").strip()
+
+    def __call__(self, texts: str | Sequence[str], context_length: Optional[int] = CLIP_CONTEXT) -> dict:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if context_length is not None and context_length < 1 + (self.bos_id is not None) + (self.eos_id is not None):
+            raise ValueError(f"context_length {context_length} leaves no room for a token")
+        head = [] if self.bos_id is None else [self.bos_id]
+        tail = [] if self.eos_id is None else [self.eos_id]
+        rows = []
+        for text in texts:
+            ids = head + self.encode(text) + tail
+            if context_length is not None and len(ids) > context_length:
+                ids = ids[:context_length - len(tail)] + tail
+            rows.append(ids)
+        length = context_length or max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, ids in enumerate(rows):
+            input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[i, :len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``tokenizer.json`` and the special ids to ``folder``; :meth:`from_file` reads them back."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(folder / "tokenizer.json"))
+        meta = {"bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id, "clean": self.clean,
+                "byte_words": self.byte_words}
+        (folder / META).write_text(json.dumps(meta, indent=2))
+        return folder
+
+    @classmethod
+    def from_file(cls, path: str | Path, bos: Optional[str] = None, eos: Optional[str] = None,
+                  pad: Optional[str] = None) -> "TextTokenizer":
+        """Any HF ``tokenizer.json`` (or a folder holding one). Special ids come from vlkit's
+        side file when present, else from the named tokens ``bos`` / ``eos`` / ``pad``, else none
+        (pad 0): an HF tokenizer's own post-processor is not applied, :meth:`__call__` adds them."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer.json at {path}")
+        tok = Tokenizer.from_file(str(file))
+        meta_file = file.parent / META
+        if meta_file.is_file() and bos is None and eos is None and pad is None:
+            return cls(tok, **json.loads(meta_file.read_text()))
+
+        def token_id(name: Optional[str]) -> Optional[int]:
+            if name is None:
+                return None
+            i = tok.token_to_id(name)
+            if i is None:
+                raise ValueError(f"token {name!r} is not in the vocabulary of {file}")
+            return i
+
+        return cls(tok, token_id(bos), token_id(eos), token_id(pad) or 0)
+
+
+def clip_bpe_path() -> Path:
+    """``bpe_simple_vocab_16e6.txt.gz`` of the installed ``open_clip_torch`` (found, not imported)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("OpenAI CLIP's BPE vocabulary comes with open_clip_torch: "
+                                "pip install --no-deps open_clip_torch==3.3.0")
+    return Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def clip_tokenizer(bpe_path: str | Path | None = None) -> TextTokenizer:
+    """OpenAI CLIP's tokenizer (49,408 ids; start 49406, end 49407, padding 0) as a ``tokenizers``
+    BPE: the same ids as open_clip's ``SimpleTokenizer``."""
+    lines = gzip.open(bpe_path or clip_bpe_path()).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    tok = Tokenizer(models.BPE(vocab={v: i for i, v in enumerate(vocab)}, merges=merges,
+                               end_of_word_suffix="</w>", fuse_unk=False))
+    tok.add_special_tokens([AddedToken(CLIP_BOS, normalized=False), AddedToken(CLIP_EOS, normalized=False)])
+    return TextTokenizer(_clip_pipeline(tok), tok.token_to_id(CLIP_BOS), tok.token_to_id(CLIP_EOS), 0, clean=True,
+                         byte_words=True)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> TextTokenizer:
+    """A CLIP-style BPE (lower-cased, ``</w>`` word ends, byte-level alphabet) trained on ``texts``.
+
+    Ids: ``<pad>`` 0, ``<start_of_text>`` 1, ``<end_of_text>`` 2, then the byte characters (alone
+    and as word ends: any text encodes without loss) and the merges, up to ``vocab_size`` (>= 512).
+    """
+    if vocab_size < MIN_TRAINED_VOCAB:
+        raise ValueError(f"vocab_size {vocab_size} < {MIN_TRAINED_VOCAB}: the byte alphabet, its word ends and "
+                         "the special tokens alone take about 420 ids")
+    tok = _clip_pipeline(Tokenizer(models.BPE(end_of_word_suffix="</w>")))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=["<pad>", CLIP_BOS, CLIP_EOS], end_of_word_suffix="</w>",
+                                  initial_alphabet=list(bytes_to_unicode().values()))
+    # Every byte must also exist as a word end ("z</w>"), or an unseen final character is lost: one
+    # line of single-character words ends in every ASCII byte and every UTF-8 continuation byte
+    # (U+2080..U+20BF: uncased, so the lower-casing normaliser keeps all 64).
+    coverage = " ".join(chr(c) for c in [*range(33, 127), *range(0x2080, 0x20C0)])
+    tok.train_from_iterator(itertools.chain([coverage], (clean_text(t) for t in texts)), trainer=trainer)
+    return TextTokenizer(tok, tok.token_to_id(CLIP_BOS), tok.token_to_id(CLIP_EOS), tok.token_to_id("<pad>"),
+                         clean=True, byte_words=True)
