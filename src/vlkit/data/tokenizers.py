@@ -78,6 +78,8 @@ class TextTokenizer:
 
     def __init__(self, tokenizer: Tokenizer, bos_id: Optional[int], eos_id: Optional[int], pad_id: int = 0,
                  clean: bool = False, byte_words: bool = False):
+        tokenizer.no_padding()  # a tokenizer.json may pad / truncate on its own (MiniLM's pads to 128):
+        tokenizer.no_truncation()  # __call__ does both, keeping the end token
         self.tokenizer, self.bos_id, self.eos_id, self.pad_id = tokenizer, bos_id, eos_id, pad_id
         self.clean, self.byte_words = clean, byte_words
 

@@ -1,0 +1,154 @@
+"""BERT-style text encoder (Devlin et al. 2019): token + position + segment embeddings, post-LN
+transformer blocks with bidirectional attention through SDPA; sentence embeddings by mean pooling
+over the real tokens, L2-normalised (Sentence-BERT, Reimers & Gurevych 2019).
+
+:func:`load_hf_bert` reads an HF-format BERT folder (``config.json`` + ``model.safetensors``),
+e.g. the pretrained all-MiniLM-L6-v2 of ASSETS.md, giving transformers' hidden states.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from vlkit.nn.attention import Attention
+from vlkit.nn.mlp import Mlp
+
+
+@dataclass
+class BertConfig:
+    """Sizes of a BERT encoder (the fields of an HF ``BertConfig`` that matter here)."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 12
+    intermediate_size: int = 1536
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    hidden_act: str = "gelu"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (gelu, gelu_new)")
+
+
+class BertLayer(nn.Module):
+    """Post-LN block: ``x = norm1(x + attn(x)); x = norm2(x + mlp(x))``."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        act = (lambda: nn.GELU()) if cfg.hidden_act == "gelu" else (lambda: nn.GELU(approximate="tanh"))
+        self.attn = Attention(cfg.hidden_size, cfg.num_attention_heads, qkv_bias=True)
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(cfg.hidden_size, cfg.intermediate_size, act_layer=act)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        x = self.norm1(x + self.attn(x, mask=mask))
+        return self.norm2(x + self.mlp(x))
+
+
+class BertEncoder(nn.Module):
+    """forward(input_ids (B, T), attention_mask (B, T) 1 = token | None, token_type_ids | None)
+    -> hidden states (B, T, hidden_size). :meth:`encode` -> pooled, normalised (B, hidden_size)."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_features = cfg.hidden_size
+        self.word_embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.pos_embed = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.type_embed = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.embed_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.blocks = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.apply(_init_weights)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, T = input_ids.shape
+        if T > self.cfg.max_position_embeddings:
+            raise ValueError(f"{T} tokens > max_position_embeddings {self.cfg.max_position_embeddings}")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        positions = torch.arange(T, device=input_ids.device)
+        x = self.word_embed(input_ids) + self.pos_embed(positions)[None] + self.type_embed(token_type_ids)
+        x = self.embed_norm(x)
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T) keys
+        for blk in self.blocks:
+            x = blk(x, mask)
+        return x
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+               normalize: bool = True) -> torch.Tensor:
+        """Sentence embeddings: mean of the hidden states over real tokens, L2-normalised."""
+        hidden = self(input_ids, attention_mask)
+        pooled = mean_pool(hidden, attention_mask)
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """hidden (B, T, C), mask (B, T) -> (B, C): the mean over positions where the mask is 1."""
+    if attention_mask is None:
+        return hidden.mean(1)
+    m = attention_mask.to(hidden.dtype)[..., None]
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """BERT's initialisation: normal(0, 0.02) weights, zero biases, padding embedding zero."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+
+
+def convert_hf_bert(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """An HF ``BertModel`` state dict (with or without a ``bert.`` prefix) -> :class:`BertEncoder`'s."""
+    state = {k.removeprefix("bert."): v for k, v in state.items()}
+    out = {
+        "word_embed.weight": state["embeddings.word_embeddings.weight"],
+        "pos_embed.weight": state["embeddings.position_embeddings.weight"],
+        "type_embed.weight": state["embeddings.token_type_embeddings.weight"],
+        "embed_norm.weight": state["embeddings.LayerNorm.weight"],
+        "embed_norm.bias": state["embeddings.LayerNorm.bias"],
+    }
+    for i in range(num_layers):
+        h, o = f"encoder.layer.{i}.", f"blocks.{i}."
+        for kind in ("weight", "bias"):
+            out[o + f"attn.qkv.{kind}"] = torch.cat([state[h + f"attention.self.{n}.{kind}"]
+                                                     for n in ("query", "key", "value")])
+            out[o + f"attn.proj.{kind}"] = state[h + f"attention.output.dense.{kind}"]
+            out[o + f"norm1.{kind}"] = state[h + f"attention.output.LayerNorm.{kind}"]
+            out[o + f"mlp.fc1.{kind}"] = state[h + f"intermediate.dense.{kind}"]
+            out[o + f"mlp.fc2.{kind}"] = state[h + f"output.dense.{kind}"]
+            out[o + f"norm2.{kind}"] = state[h + f"output.LayerNorm.{kind}"]
+    return out
+
+
+def load_hf_bert(folder: str | Path) -> BertEncoder:
+    """An HF-format BERT folder (``config.json`` + ``model.safetensors``) as a :class:`BertEncoder`."""
+    folder = Path(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    known = {f.name for f in fields(BertConfig)}
+    cfg = BertConfig(**{k: v for k, v in raw.items() if k in known})
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing (only safetensors weights are read, never pickles)")
+    model = BertEncoder(cfg)
+    model.load_state_dict(convert_hf_bert(load_file(str(weights)), cfg.num_hidden_layers))
+    return model.eval()
