@@ -63,3 +63,36 @@ def test_bad_config_and_too_long_input():
                                    intermediate_size=16, max_position_embeddings=4))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(torch.zeros(1, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("hf_eos", [2, 50])  # 2: HF's legacy argmax pooling; else the first end-of-text id
+def test_clip_text_tower_matches_transformers(tmp_path, hf_eos):
+    from safetensors.torch import load_file
+
+    from vlkit.encoders.text import CLIPTextConfig, CLIPTextTransformer, convert_hf_clip_text
+
+    cfg = transformers.CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=20, projection_dim=24,
+                                      eos_token_id=hf_eos, bos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    hf = transformers.CLIPTextModelWithProjection(cfg).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ours = CLIPTextTransformer(CLIPTextConfig(vocab_size=99, width=32, depth=2, num_heads=4, mlp_ratio=37 / 32,
+                                              context_length=20, embed_dim=24,
+                                              eos_token_id=None if hf_eos == 2 else hf_eos)).eval()
+    ours.load_state_dict(convert_hf_clip_text(load_file(str(tmp_path / "model.safetensors")), 2))
+    end_id = 98 if hf_eos == 2 else hf_eos  # legacy: the end token has the highest id
+    ids = torch.randint(3, 97, (3, 12))
+    ids[ids == end_id] = end_id + 1  # the end token only where placed (higher ids come before it)
+    ids[:, 0] = 1
+    ends = [11, 6, 3]
+    for row, end in enumerate(ends):
+        ids[row, end] = end_id
+        ids[row, end + 1:] = 0  # padding after the end token
+    with torch.no_grad():
+        ref = hf(input_ids=ids)
+        out = ours(ids)
+        tokens = ours.forward_tokens(ids)
+    assert (out - ref.text_embeds).abs().max() <= 1e-4
+    for row, end in enumerate(ends):  # causal: what precedes the padding does not depend on it
+        assert (tokens[row, :end + 1] - ref.last_hidden_state[row, :end + 1]).abs().max() <= 1e-4

@@ -1,14 +1,17 @@
-"""BERT-style text encoder (Devlin et al. 2019): token + position + segment embeddings, post-LN
+"""Text encoders. :class:`CLIPTextTransformer`: OpenAI CLIP's text tower (pre-LN causal
+transformer, pooled at the end-of-text token, linear projection). :class:`BertEncoder`: a BERT-style encoder (Devlin et al. 2019): token + position + segment embeddings, post-LN
 transformer blocks with bidirectional attention through SDPA; sentence embeddings by mean pooling
 over the real tokens, L2-normalised (Sentence-BERT, Reimers & Gurevych 2019).
 
 :func:`load_hf_bert` reads an HF-format BERT folder (``config.json`` + ``model.safetensors``),
-e.g. the pretrained all-MiniLM-L6-v2 of ASSETS.md, giving transformers' hidden states.
+e.g. the pretrained all-MiniLM-L6-v2 of ASSETS.md, giving transformers' hidden states;
+:func:`convert_hf_clip_text` maps the text half of an HF ``CLIPModel``.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -17,7 +20,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from vlkit.encoders.vit import Block
 from vlkit.nn.attention import Attention
+from vlkit.nn.layers import QuickGELU
 from vlkit.nn.mlp import Mlp
 
 
@@ -152,3 +157,91 @@ def load_hf_bert(folder: str | Path) -> BertEncoder:
     model = BertEncoder(cfg)
     model.load_state_dict(convert_hf_bert(load_file(str(weights)), cfg.num_hidden_layers))
     return model.eval()
+
+
+@dataclass
+class CLIPTextConfig:
+    """OpenAI CLIP's text tower (defaults: ViT-B/32's, 63 M parameters)."""
+
+    vocab_size: int = 49408
+    width: int = 512
+    depth: int = 12
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    context_length: int = 77
+    embed_dim: int = 512  # output of the projection; 0 = no projection
+    act: str = "quick_gelu"  # quick_gelu (OpenAI) | gelu
+    eos_token_id: Optional[int] = None  # None: pool at the highest id (OpenAI's end-of-text is the last id)
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"act must be quick_gelu or gelu, got {self.act!r}")
+
+
+class CLIPTextTransformer(nn.Module):
+    """forward(input_ids (B, T), T <= context_length) -> projected text embeddings (B, embed_dim),
+    unnormalised (HF's ``get_text_features``). :meth:`forward_tokens` -> all hidden states after the
+    final LayerNorm (B, T, width). Causal attention: a token never sees the padding after it."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_features = cfg.embed_dim or cfg.width
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
+        act = QuickGELU if cfg.act == "quick_gelu" else nn.GELU
+        norm = partial(nn.LayerNorm, eps=cfg.layer_norm_eps)
+        self.blocks = nn.ModuleList(  # ViT's pre-LN block with causal attention
+            Block(cfg.width, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True, act_layer=act, norm_layer=norm,
+                  attn_layer=partial(Attention, causal=True)) for _ in range(cfg.depth))
+        self.norm = norm(cfg.width)
+        self.proj = nn.Linear(cfg.width, cfg.embed_dim, bias=False) if cfg.embed_dim else nn.Identity()
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.01)
+
+    def forward_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        T = input_ids.shape[1]
+        if T > self.cfg.context_length:
+            raise ValueError(f"{T} tokens > context_length {self.cfg.context_length}")
+        x = self.token_embed(input_ids) + self.pos_embed[:T]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def eos_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) index of each row's end-of-text token (the first one when ``eos_token_id`` is set)."""
+        if self.cfg.eos_token_id is None:
+            return input_ids.argmax(-1)
+        hits = input_ids == self.cfg.eos_token_id
+        if not hits.any(-1).all():
+            raise ValueError(f"a row has no end-of-text token {self.cfg.eos_token_id}")
+        return hits.int().argmax(-1)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.forward_tokens(input_ids)
+        pooled = x[torch.arange(len(x), device=x.device), self.eos_positions(input_ids)]
+        return self.proj(pooled)
+
+
+def convert_hf_clip_text(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """The text half of an HF ``CLIPModel`` / ``CLIPTextModelWithProjection`` state dict ->
+    :class:`CLIPTextTransformer`'s."""
+    t = "text_model."
+    out = {"token_embed.weight": state[t + "embeddings.token_embedding.weight"],
+           "pos_embed": state[t + "embeddings.position_embedding.weight"],
+           "norm.weight": state[t + "final_layer_norm.weight"], "norm.bias": state[t + "final_layer_norm.bias"]}
+    if "text_projection.weight" in state:
+        out["proj.weight"] = state["text_projection.weight"]
+    for i in range(depth):
+        h, o = f"{t}encoder.layers.{i}.", f"blocks.{i}."
+        for kind in ("weight", "bias"):
+            out[o + f"attn.qkv.{kind}"] = torch.cat([state[h + f"self_attn.{n}_proj.{kind}"] for n in "qkv"])
+            out[o + f"attn.proj.{kind}"] = state[h + f"self_attn.out_proj.{kind}"]
+            out[o + f"norm1.{kind}"] = state[h + f"layer_norm1.{kind}"]
+            out[o + f"mlp.fc1.{kind}"] = state[h + f"mlp.fc1.{kind}"]
+            out[o + f"mlp.fc2.{kind}"] = state[h + f"mlp.fc2.{kind}"]
+            out[o + f"norm2.{kind}"] = state[h + f"layer_norm2.{kind}"]
+    return out

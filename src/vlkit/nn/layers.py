@@ -68,6 +68,13 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's GELU approximation ``x * sigmoid(1.702 x)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
 class LayerScale(nn.Module):
     """x (..., dim) -> x * gamma, with gamma a learned (dim,) vector initialised to ``init_values``."""
 
