@@ -47,8 +47,8 @@ def test_load_rejects_unknown_layouts(tmp_path):
         vlkit.load(tmp_path / "missing")
     with pytest.raises(CheckpointError, match="not a model folder"):
         vlkit.load(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(CheckpointError, match="bert"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "wav2vec2"}))
+    with pytest.raises(CheckpointError, match="wav2vec2"):
         vlkit.load(tmp_path)
 
 

@@ -33,6 +33,10 @@ def test_random_bert_matches_transformers_with_padding(tmp_path, act):
         out = ours(ids, mask, types)
     keep = mask.bool()
     assert (out - ref)[keep].abs().max() <= 1e-4
+    import vlkit
+
+    with torch.no_grad():  # vlkit.load recognises an HF BERT folder too
+        assert torch.equal(vlkit.load(tmp_path)(ids, mask, types), out)
 
 
 def test_pretrained_minilm_matches_transformers_and_sentence_embedding():

@@ -236,12 +236,16 @@ def convert_hf_clip_text(state: dict[str, torch.Tensor], depth: int) -> dict[str
     if "text_projection.weight" in state:
         out["proj.weight"] = state["text_projection.weight"]
     for i in range(depth):
-        h, o = f"{t}encoder.layers.{i}.", f"blocks.{i}."
-        for kind in ("weight", "bias"):
-            out[o + f"attn.qkv.{kind}"] = torch.cat([state[h + f"self_attn.{n}_proj.{kind}"] for n in "qkv"])
-            out[o + f"attn.proj.{kind}"] = state[h + f"self_attn.out_proj.{kind}"]
-            out[o + f"norm1.{kind}"] = state[h + f"layer_norm1.{kind}"]
-            out[o + f"mlp.fc1.{kind}"] = state[h + f"mlp.fc1.{kind}"]
-            out[o + f"mlp.fc2.{kind}"] = state[h + f"mlp.fc2.{kind}"]
-            out[o + f"norm2.{kind}"] = state[h + f"layer_norm2.{kind}"]
+        out.update(convert_hf_clip_layer(state, f"{t}encoder.layers.{i}.", f"blocks.{i}."))
+    return out
+
+
+def convert_hf_clip_layer(state: dict[str, torch.Tensor], hf: str, ours: str) -> dict[str, torch.Tensor]:
+    """One HF CLIP encoder layer (prefix ``hf``) -> a vlkit pre-LN :class:`Block` (prefix ``ours``)."""
+    out = {}
+    for kind in ("weight", "bias"):
+        out[ours + f"attn.qkv.{kind}"] = torch.cat([state[hf + f"self_attn.{n}_proj.{kind}"] for n in "qkv"])
+        out[ours + f"attn.proj.{kind}"] = state[hf + f"self_attn.out_proj.{kind}"]
+        for a, b in (("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+            out[ours + f"{a}.{kind}"] = state[hf + f"{b}.{kind}"]
     return out

@@ -27,12 +27,13 @@ from torch.utils.checkpoint import checkpoint
 
 from vlkit.config import ConfigError, from_dict
 from vlkit.nn.attention import Attention, ClassAttention
-from vlkit.nn.layers import DropPath, LayerScale, Linear
+from vlkit.nn.layers import DropPath, LayerScale, Linear, QuickGELU
 from vlkit.nn.mlp import Mlp
 from vlkit.nn.patch_embed import HybridEmbed, PatchEmbed
 from vlkit.nn.pos_embed import resample_pos_embed, sincos_2d_pos_embed
 
-ACT_LAYERS = {"gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh"), "relu": nn.ReLU, "silu": nn.SiLU}
+ACT_LAYERS = {"gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh"), "relu": nn.ReLU, "silu": nn.SiLU,
+              "quick_gelu": QuickGELU}
 
 
 @dataclass
@@ -48,7 +49,10 @@ class ViTConfig:
     num_heads: int = 12  # attention heads; embed_dim must be divisible by it
     mlp_ratio: float = 4.0  # MLP hidden width = int(embed_dim * mlp_ratio)
     qkv_bias: bool = True  # bias in the query/key/value projections
-    act: Literal["gelu", "gelu_tanh", "relu", "silu"] = "gelu"  # MLP activation; gelu is the exact erf form
+    act: Literal["gelu", "gelu_tanh", "relu", "silu", "quick_gelu"] = "gelu"  # MLP activation (gelu: exact erf;
+    # quick_gelu: OpenAI CLIP's x * sigmoid(1.702 x))
+    pre_norm: bool = False  # LayerNorm on the embedded tokens before the blocks (CLIP's ln_pre)
+    patch_bias: bool = True  # bias in the patch-embedding convolution (CLIP has none)
     pos_embed: Literal["learned", "sincos"] = "learned"  # learned absolute, or fixed 2D sin-cos (MAE)
     class_token: bool = True  # prepend a learned class token
     num_dist_tokens: int = 0  # 0 = ViT; 1 = DeiT distillation token
@@ -194,6 +198,7 @@ class VisionTransformer(nn.Module):
             self.register_buffer("pos_embed", sincos_2d_pos_embed(D, self.grid_size, self.num_pos_prefix),
                                  persistent=False)
         self.pos_drop = nn.Dropout(cfg.drop_rate) if cfg.drop_rate > 0 else nn.Identity()
+        self.norm_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
         block = partial(Block, dim=D, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
                         proj_drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate, init_values=cfg.layer_scale_init,
                         act_layer=ACT_LAYERS[cfg.act], norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps))
@@ -214,7 +219,7 @@ class VisionTransformer(nn.Module):
             return HybridEmbed(backbone, None, cfg.embed_dim, cfg.in_chans, cfg.image_size)
         if backbone is not None:
             raise ValueError("a backbone was given but cfg.embed is 'patch'; set embed='hybrid'")
-        return PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        return PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, bias=cfg.patch_bias)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -264,7 +269,7 @@ class VisionTransformer(nn.Module):
         if self.num_pos_prefix:
             x = torch.cat([*self._prefix_tokens(B), x], dim=1)  # (B, P + N, D)
         x = x + resample_pos_embed(self.pos_embed, (gh, gw), self.grid_size, self.num_pos_prefix)
-        return self.pos_drop(x), (gh, gw)
+        return self.norm_pre(self.pos_drop(x)), (gh, gw)
 
     def _run_block(self, blk: Block, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():

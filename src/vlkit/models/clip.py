@@ -1,0 +1,124 @@
+"""CLIP-style dual encoders (Radford et al. 2021; LiT, Zhai et al. 2022; SigLIP, Zhai et al. 2023):
+any vlkit image encoder + any text encoder, each followed by a linear projection to a shared space,
+and a learnable temperature (``logit_scale = log(1 / T)``, clamped so that exp <= 100).
+
+``encode_image(pixels)`` / ``encode_text(ids)`` return the projected, UNnormalised embeddings (HF's
+``get_image_features`` / ``get_text_features``); ``forward`` returns them normalised with the
+scale (and SigLIP's bias), ready for :mod:`vlkit.losses.contrastive`.
+
+:func:`load_hf_clip` reads an HF-format ``CLIPModel`` folder (config.json + model.safetensors).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from vlkit.encoders.text import BertEncoder, CLIPTextConfig, CLIPTextTransformer, convert_hf_clip_layer, \
+    convert_hf_clip_text
+from vlkit.encoders.vit import ViTConfig, VisionTransformer
+
+
+class CLIP(nn.Module):
+    """forward(images (B, C, H, W), input_ids (B, T), attention_mask | None) -> {"image_embeds",
+    "text_embeds" (L2-normalised, (B, embed_dim)), "logit_scale" (exp'd, clamped), "logit_bias"}.
+
+    ``image_encoder(pixels)`` must return pooled features ``(B, num_features)`` (a ViT with
+    ``num_classes=0``); the text encoder is a :class:`CLIPTextTransformer` (pooled at the end token)
+    or a :class:`BertEncoder` (mean pooled over the mask), built without its own projection.
+    """
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int = 512,
+                 init_temperature: float = 0.07, max_logit_scale: float = 100.0, init_logit_bias: float = 0.0):
+        super().__init__()
+        self.visual, self.text = image_encoder, text_encoder
+        self.visual_proj = nn.Linear(image_encoder.num_features, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text_encoder.num_features, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))  # used by the SigLIP loss only
+        self.max_log_scale = math.log(max_logit_scale)
+        for proj in (self.visual_proj, self.text_proj):
+            nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.visual_proj(self.visual(pixels))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if isinstance(self.text, BertEncoder):
+            features = self.text.encode(input_ids, attention_mask, normalize=False)
+        else:
+            features = self.text(input_ids)
+        return self.text_proj(features)
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), the log clamped to [0, log(max_logit_scale)] (gradient passes inside)."""
+        return self.logit_scale.clamp(0, self.max_log_scale).exp()
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None) -> dict:
+        return {"image_embeds": F.normalize(self.encode_image(images), dim=-1),
+                "text_embeds": F.normalize(self.encode_text(input_ids, attention_mask), dim=-1),
+                "logit_scale": self.scale(), "logit_bias": self.logit_bias}
+
+
+def _vision_config(v: dict) -> ViTConfig:
+    return ViTConfig(image_size=v["image_size"], patch_size=v["patch_size"], num_classes=0,
+                     embed_dim=v["hidden_size"], depth=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
+                     mlp_ratio=v["intermediate_size"] / v["hidden_size"], act=_act(v.get("hidden_act")),
+                     pre_norm=True, patch_bias=False, norm_eps=v.get("layer_norm_eps", 1e-5))
+
+
+def _act(name: Optional[str]) -> str:
+    acts = {"quick_gelu": "quick_gelu", "gelu": "gelu", None: "quick_gelu"}
+    if name not in acts:
+        raise ValueError(f"CLIP hidden_act {name!r} is not supported (quick_gelu, gelu)")
+    return acts[name]
+
+
+def _text_config(t: dict) -> CLIPTextConfig:
+    eos = t.get("eos_token_id", 2)
+    return CLIPTextConfig(vocab_size=t["vocab_size"], width=t["hidden_size"], depth=t["num_hidden_layers"],
+                          num_heads=t["num_attention_heads"], mlp_ratio=t["intermediate_size"] / t["hidden_size"],
+                          context_length=t["max_position_embeddings"], embed_dim=0, act=_act(t.get("hidden_act")),
+                          eos_token_id=None if eos == 2 else eos, layer_norm_eps=t.get("layer_norm_eps", 1e-5))
+
+
+def convert_hf_clip_vision(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """The vision half of an HF ``CLIPModel`` state dict -> a :class:`VisionTransformer`'s."""
+    v = "vision_model."
+    out = {"cls_token": state[v + "embeddings.class_embedding"].view(1, 1, -1),
+           "pos_embed": state[v + "embeddings.position_embedding.weight"][None],
+           "patch_embed.proj.weight": state[v + "embeddings.patch_embedding.weight"]}
+    for kind in ("weight", "bias"):
+        out[f"norm_pre.{kind}"] = state[v + f"pre_layrnorm.{kind}"]
+        out[f"norm.{kind}"] = state[v + f"post_layernorm.{kind}"]
+    for i in range(depth):
+        out.update(convert_hf_clip_layer(state, f"{v}encoder.layers.{i}.", f"blocks.{i}."))
+    return out
+
+
+def load_hf_clip(folder: str | Path) -> CLIP:
+    """An HF-format ``CLIPModel`` folder as a :class:`CLIP` (weights from safetensors only)."""
+    folder = Path(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    vcfg, tcfg = _vision_config(raw["vision_config"]), _text_config(raw["text_config"])
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing (only safetensors weights are read, never pickles)")
+    state = load_file(str(weights))
+    model = CLIP(VisionTransformer(vcfg), CLIPTextTransformer(tcfg), raw.get("projection_dim", 512))
+    ours = {f"visual.{k}": w for k, w in convert_hf_clip_vision(state, vcfg.depth).items()}
+    text = convert_hf_clip_text(state, tcfg.depth)
+    text.pop("proj.weight", None)  # the CLIP owns the text projection
+    ours.update({f"text.{k}": w for k, w in text.items()})
+    ours.update({"visual_proj.weight": state["visual_projection.weight"],
+                 "text_proj.weight": state["text_projection.weight"], "logit_scale": state["logit_scale"],
+                 "logit_bias": model.logit_bias.detach().clone()})
+    model.load_state_dict(ours)
+    return model.eval()

@@ -1,0 +1,62 @@
+"""vlkit CLIP: HF CLIPModel checkpoints give transformers' image and text features; the model's parts."""
+import pytest
+import torch
+
+import vlkit
+from vlkit.encoders.text import BertConfig, BertEncoder, CLIPTextConfig, CLIPTextTransformer
+from vlkit.encoders.vit import ViTConfig, VisionTransformer
+from vlkit.losses.contrastive import ClipLoss
+from vlkit.models.clip import CLIP
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_hf_clip_folder_gives_transformers_features(tmp_path, act):
+    text = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=16, hidden_act=act, eos_token_id=98, bos_token_id=1, pad_token_id=0)
+    vision = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8, hidden_act=act)
+    cfg = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)
+    torch.manual_seed(0)
+    hf = transformers.CLIPModel(cfg).eval()
+    with torch.no_grad():
+        hf.logit_scale.fill_(3.0)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ours = vlkit.load(tmp_path)
+    pixels = torch.randn(2, 3, 32, 32)
+    ids = torch.randint(3, 90, (2, 10))
+    ids[0, 9], ids[1, 5], ids[1, 6:] = 98, 98, 0  # the end-of-text token (id 98)
+    with torch.no_grad():
+        ref_img = hf.get_image_features(pixel_values=pixels)
+        ref_txt = hf.get_text_features(input_ids=ids)
+        ref_img = getattr(ref_img, "pooler_output", ref_img)
+        ref_txt = getattr(ref_txt, "pooler_output", ref_txt)
+        assert (ours.encode_image(pixels) - ref_img).abs().max() <= 1e-4
+        assert (ours.encode_text(ids) - ref_txt).abs().max() <= 1e-4
+        out = ours(pixels, ids)
+        ref = hf(input_ids=ids, pixel_values=pixels)
+    logits = out["logit_scale"] * out["image_embeds"] @ out["text_embeds"].T
+    assert (logits - ref.logits_per_image).abs().max() <= 1e-4
+
+
+def test_any_towers_train_together_and_temperature_is_clamped():
+    torch.manual_seed(0)
+    vit = VisionTransformer(ViTConfig(image_size=16, patch_size=8, num_classes=0, embed_dim=32, depth=1, num_heads=2))
+    for text in (CLIPTextTransformer(CLIPTextConfig(vocab_size=50, width=32, depth=1, num_heads=2, context_length=8,
+                                                    embed_dim=0)),
+                 BertEncoder(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, max_position_embeddings=8))):
+        model = CLIP(vit, text, embed_dim=16)
+        ids = torch.randint(1, 50, (4, 8))
+        out = model(torch.randn(4, 3, 16, 16), ids, torch.ones_like(ids))
+        loss = ClipLoss()(out["image_embeds"], out["text_embeds"], out["logit_scale"])["loss"]
+        loss.backward()
+        assert out["image_embeds"].shape == (4, 16) and torch.allclose(out["text_embeds"].norm(dim=-1), torch.ones(4))
+        assert all(p.grad is not None for n, p in model.named_parameters() if n != "logit_bias" and p.requires_grad
+                   and "pooler" not in n)
+        assert out["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)
+        with torch.no_grad():
+            model.logit_scale.fill_(10.0)
+        assert model.scale().item() == pytest.approx(100.0)
+        vit.zero_grad()
