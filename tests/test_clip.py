@@ -60,3 +60,28 @@ def test_any_towers_train_together_and_temperature_is_clamped():
             model.logit_scale.fill_(10.0)
         assert model.scale().item() == pytest.approx(100.0)
         vit.zero_grad()
+
+
+def test_lit_locking_sends_gradients_exactly_to_the_trainable_parameters():
+    torch.manual_seed(0)
+    vit = VisionTransformer(ViTConfig(image_size=16, patch_size=8, num_classes=0, embed_dim=32, depth=3, num_heads=2,
+                                      drop_path_rate=0.2))
+    text = CLIPTextTransformer(CLIPTextConfig(vocab_size=50, width=32, depth=3, num_heads=2, context_length=8,
+                                              embed_dim=0))
+    model = CLIP(vit, text, embed_dim=16)
+    assert model.lock("visual") == 0
+    unlocked = model.lock("text", unlocked_layers=1)
+    assert unlocked == sum(p.numel() for p in [*text.blocks[2].parameters(), *text.norm.parameters()])
+    model.train()
+    assert not vit.training and text.training  # a fully locked tower stays in eval mode
+    ids = torch.randint(1, 50, (4, 8))
+    out = model(torch.randn(4, 3, 16, 16), ids)
+    ClipLoss()(out["image_embeds"], out["text_embeds"], out["logit_scale"])["loss"].backward()
+    for name, p in model.named_parameters():  # logit_bias: trainable, used by the SigLIP loss only
+        trained = name.startswith(("text.blocks.2.", "text.norm.", "visual_proj.", "text_proj.", "logit_scale"))
+        assert (p.grad is not None) == trained, name
+        assert p.requires_grad == (trained or name == "logit_bias"), name
+    with pytest.raises(ValueError, match="unlocked_layers"):
+        model.lock("text", unlocked_layers=4)
+    with pytest.raises(ValueError, match="tower"):
+        model.lock("audio")

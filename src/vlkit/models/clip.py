@@ -43,8 +43,40 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))  # used by the SigLIP loss only
         self.max_log_scale = math.log(max_logit_scale)
+        self._locked: dict[str, int] = {}  # tower -> unlocked layers (see lock)
         for proj in (self.visual_proj, self.text_proj):
             nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
+
+    def lock(self, tower: str, unlocked_layers: int = 0) -> int:
+        """LiT: freeze ``tower`` ("visual" or "text") except its last ``unlocked_layers`` blocks (with
+        its final norm when any are unlocked); its projection stays trainable. A fully locked tower
+        also stays in eval mode (no dropout / stochastic depth). Returns the trainable parameter
+        count of the tower. Per-tower learning rates: ``train.param_groups`` with patterns
+        ``visual.`` / ``text.`` and an ``lr_scale``."""
+        module = {"visual": self.visual, "text": self.text}.get(tower)
+        if module is None:
+            raise ValueError(f"tower must be 'visual' or 'text', got {tower!r}")
+        blocks = getattr(module, "blocks", None)
+        if unlocked_layers and blocks is None:
+            raise ValueError(f"the {tower} tower has no .blocks to unlock")
+        if not 0 <= unlocked_layers <= (len(blocks) if blocks is not None else 0):
+            raise ValueError(f"unlocked_layers {unlocked_layers} is not in [0, {len(blocks)}]")
+        module.requires_grad_(False)
+        if unlocked_layers:
+            blocks[len(blocks) - unlocked_layers:].requires_grad_(True)
+            norm = getattr(module, "norm", None)  # the final norm of a ViT / CLIP text tower
+            if isinstance(norm, nn.Module):
+                norm.requires_grad_(True)
+        self._locked[tower] = unlocked_layers
+        self.train(self.training)
+        return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for tower, unlocked in self._locked.items():
+            if unlocked == 0:
+                getattr(self, tower).eval()
+        return self
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.visual_proj(self.visual(pixels))
