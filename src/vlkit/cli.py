@@ -30,9 +30,10 @@ def recipe_path(name: str) -> Path:
 
 def tasks() -> dict:
     """task name -> (recipe dataclass, train(cfg, run_dir, resume) -> result)."""
-    from vlkit.tasks import classification
+    from vlkit.tasks import classification, contrastive
 
-    return {"classification": (classification.ClassificationConfig, classification.train)}
+    return {"classification": (classification.ClassificationConfig, classification.train),
+            "contrastive": (contrastive.ContrastiveConfig, contrastive.train)}
 
 
 def merge(base: dict, child: dict) -> dict:
@@ -85,6 +86,12 @@ def print_eval(evals: dict) -> None:
     rows = {k: v for k, v in evals.items() if isinstance(v, dict) and "top1" in v}
     if rows:
         print(metrics_table(rows))
+    retrieval = {k: v for k, v in evals.items() if isinstance(v, dict) and "i2t_R@1" in v}
+    if retrieval:
+        keys = ["zero_shot_top1", "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "i2t_mean_rank", "t2i_mean_rank"]
+        print("| split | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+        for split, m in retrieval.items():
+            print(f"| {split} | " + " | ".join(f"{m[k]:.2f}" for k in keys) + " |")
 
 
 def cmd_eval(args) -> int:

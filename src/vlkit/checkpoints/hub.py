@@ -43,6 +43,9 @@ def _register_builtin() -> None:
     register_architecture("classifier", ClassifierConfig, lambda cfg: build_classifier(replace(cfg, pretrained=False)))
     for model_type in ("vit", "deit"):
         FOREIGN[model_type] = load_hf_vit
+    from vlkit.tasks.contrastive import ContrastiveConfig, build_clip
+
+    register_architecture("clip", ContrastiveConfig, build_clip)
     FOREIGN["clip"] = _load_hf_clip
     FOREIGN["bert"] = _load_hf_bert
 
