@@ -85,3 +85,15 @@ def test_replace_returns_new_validated_config():
     assert new.lr == 0.1 and cfg.lr == 1e-3
     with pytest.raises(ConfigError):
         replace(cfg, inner={"size": 30})
+
+
+@dataclass
+class Tuned:
+    inner: Inner = field(default_factory=lambda: Inner(size=48, patch=8, name="b"))  # not the class defaults
+
+
+def test_a_partly_given_section_starts_from_the_fields_own_default():
+    cfg = from_dict(Tuned, {"inner": {"patch": 6}})
+    assert cfg.inner == Inner(size=48, patch=6, name="b")
+    with pytest.raises(ConfigError, match="inner.size"):
+        from_dict(Tuned, {"inner": {"patch": 5}})  # 48 % 5: checked on the merged section

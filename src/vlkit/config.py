@@ -113,7 +113,8 @@ def from_dict(cls: type[T], data: dict, path: str = "") -> T:
     """Build dataclass ``cls`` from a (nested) dict, strictly.
 
     Unknown keys, wrong types and failing ``__post_init__`` checks raise :class:`ConfigError`
-    naming the dotted path of the field.
+    naming the dotted path of the field. A nested dataclass given partly starts from the field's
+    own default (its ``default_factory``), not from the nested class's defaults.
     """
     if not isinstance(data, dict):
         raise ConfigError(path or cls.__name__, f"expected a mapping, got {data!r}")
@@ -124,6 +125,9 @@ def from_dict(cls: type[T], data: dict, path: str = "") -> T:
         sub = f"{path}.{key}" if path else key
         if key not in fields:
             raise ConfigError(sub, f"unknown key (valid keys of {cls.__name__}: {', '.join(fields)})")
+        factory = fields[key].default_factory
+        if isinstance(value, dict) and factory is not dataclasses.MISSING and dataclasses.is_dataclass(hints[key]):
+            value = _merged(to_dict(factory()), value)
         kwargs[key] = _coerce(value, hints[key], sub)
     try:
         return cls(**kwargs)
@@ -131,6 +135,14 @@ def from_dict(cls: type[T], data: dict, path: str = "") -> T:
         if path and not e.field.startswith(path + "."):
             raise ConfigError(f"{path}.{e.field}", str(e).split(": ", 1)[1]) from None
         raise
+
+
+def _merged(base: dict, update: dict) -> dict:
+    """``base`` with ``update`` written over it, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def to_dict(cfg: Any) -> Any:
