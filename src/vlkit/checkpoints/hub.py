@@ -43,23 +43,13 @@ def _register_builtin() -> None:
     register_architecture("classifier", ClassifierConfig, lambda cfg: build_classifier(replace(cfg, pretrained=False)))
     for model_type in ("vit", "deit"):
         FOREIGN[model_type] = load_hf_vit
+    from vlkit.encoders.text import load_hf_bert
+    from vlkit.models.clip import load_hf_clip
     from vlkit.tasks.contrastive import ContrastiveConfig, build_clip
 
     register_architecture("clip", ContrastiveConfig, build_clip)
-    FOREIGN["clip"] = _load_hf_clip
-    FOREIGN["bert"] = _load_hf_bert
-
-
-def _load_hf_clip(folder: Path) -> nn.Module:
-    from vlkit.models.clip import load_hf_clip
-
-    return load_hf_clip(folder)
-
-
-def _load_hf_bert(folder: Path) -> nn.Module:
-    from vlkit.encoders.text import load_hf_bert
-
-    return load_hf_bert(folder)
+    FOREIGN["clip"] = load_hf_clip
+    FOREIGN["bert"] = load_hf_bert
 
 
 def save_model(model: nn.Module, folder: str | Path, architecture: str, cfg: Any, meta: dict | None = None) -> Path:
