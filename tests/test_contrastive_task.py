@@ -34,3 +34,70 @@ def test_clip_config_errors_name_the_field():
         load_recipe("clip_world", ["vision.num_classes=10"])
     with pytest.raises(ConfigError, match="image_size"):
         load_recipe("clip_world", ["vision.image_size=64"])
+
+
+LIT_TINY = ["train.max_steps=4", "train.epochs=0", "train.batch_size=16", "train.warmup_steps=1",
+            "train.eval_every=2", "train.checkpoint_every=2", "train.progress=false", "classes.dataset=world",
+            "classes.world.image_size=28", "classes.world.train_length=96", "classes.world.val_length=32",
+            "classes.world.test_length=32", "classes.world.compositional_length=32", "classes.val_size=16",
+            "class_names=[]", "vision.depth=1", "vision.embed_dim=32", "vision.num_heads=2", "embed_dim=16"]
+
+
+def test_lit_locked_pretrained_text_tower_stays_unchanged(tmp_path):
+    import torch
+
+    from vlkit.encoders.text import load_hf_bert
+    from vlkit.tasks.contrastive import pretrained_text_folder
+
+    run = tmp_path / "lit"
+    assert main(["train", "lit_fmnist", *LIT_TINY, "--run-dir", str(run)]) == 0
+    doc = json.loads((run / "eval.json").read_text())
+    assert set(doc["eval"]) == {"val", "test", "compositional"}
+    assert all(0 <= m["zero_shot_top1"] <= 100 and "i2t_R@1" not in m for m in doc["eval"].values())
+    model = vlkit.load(run)
+    reference = load_hf_bert(pretrained_text_folder("minilm")).state_dict()
+    trained = model.text.state_dict()
+    assert all(torch.equal(trained[k], reference[k]) for k in reference)  # locked: bit-identical
+    meta = json.loads((run / "tokenizer" / "vlkit_tokenizer.json").read_text())
+    assert (meta["bos_id"], meta["eos_id"], meta["pad_id"]) == (101, 102, 0)  # MiniLM's [CLS] [SEP] [PAD]
+
+
+def test_text_feature_cache_matches_the_tower_and_encodes_each_caption_once():
+    import torch
+
+    from vlkit.data.tokenizers import TextTokenizer
+    from vlkit.encoders.text import BertConfig, BertEncoder
+    from vlkit.encoders.vit import ViTConfig, VisionTransformer
+    from vlkit.models.clip import CLIP
+    from vlkit.tasks.contrastive import TextFeatureCache, pretrained_text_folder
+
+    tok = TextTokenizer.from_file(pretrained_text_folder("minilm"), bos="[CLS]", eos="[SEP]", pad="[PAD]")
+    torch.manual_seed(0)
+    text = BertEncoder(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    model = CLIP(VisionTransformer(ViTConfig(image_size=8, patch_size=4, num_classes=0, embed_dim=16, depth=1,
+                                             num_heads=2)), text, 8)
+    model.lock("text")
+    cache = TextFeatureCache(tok, 16)
+    calls = []
+    model.text.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    captions = ["a photo of a cat.", "a dog.", "a photo of a cat."]
+    feats = cache(model, captions)
+    again = cache(model, captions[::-1])
+    assert calls == [2]  # two distinct captions, encoded once
+    ids = tok(captions, 16)
+    assert torch.allclose(feats, model.text_features(ids["input_ids"], ids["attention_mask"]), atol=1e-6)
+    assert torch.equal(again, feats.flip(0))
+
+
+def test_class_captions_are_seeded_per_epoch():
+    from vlkit.data.base import ClassCaptions
+
+    base = [{"label": i % 3} for i in range(40)]
+    ds = ClassCaptions(base, ["cat", "dog", "bird"], ["a {}", "the {}", "one {}"], seed=1)
+    first = [ds[i]["caption"] for i in range(40)]
+    assert first == [ds[i]["caption"] for i in range(40)]
+    assert all(c.split()[1] == ["cat", "dog", "bird"][i % 3] for i, c in enumerate(first))
+    ds.set_epoch(1)
+    assert first != [ds[i]["caption"] for i in range(40)]
+    with pytest.raises(ValueError, match="template"):
+        ClassCaptions(base, ["cat"], ["no slot"])

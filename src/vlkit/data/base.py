@@ -19,7 +19,7 @@ drawn in, or a resume in the middle of an epoch.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -72,6 +72,33 @@ class TransformedDataset(Dataset):
         if name in ("base", "__setstate__", "__getstate__"):
             raise AttributeError(name)
         return getattr(self.base, name)
+
+
+class ClassCaptions(Dataset):
+    """Captions for a labelled dataset: each sample gains ``"caption"``, a template filled with its
+    class name, the template drawn per (seed, epoch, index) like augmentation (LiT-style training
+    of an image tower against "a photo of a {class}" texts). ``set_epoch`` passes through."""
+
+    def __init__(self, base: Dataset, names: Sequence[str], templates: Sequence[str], seed: int = 0):
+        if not templates or any("{}" not in t for t in templates):
+            raise ValueError(f"each caption template needs a '{{}}' for the class name, got {list(templates)}")
+        self.base, self.names, self.templates, self.seed = base, list(names), list(templates), seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> Optional[dict]:
+        sample = self.base[index]
+        if sample is None:
+            return None
+        pick = sample_seed(self.seed + 7919, self.epoch, index) % len(self.templates)
+        return {**sample, "caption": self.templates[pick].format(self.names[int(sample["label"])])}
 
 
 def collate(samples: list[Optional[dict]]) -> dict:

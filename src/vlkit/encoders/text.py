@@ -145,12 +145,17 @@ def convert_hf_bert(state: dict[str, torch.Tensor], num_layers: int) -> dict[str
     return out
 
 
+def bert_config(folder: str | Path) -> BertConfig:
+    """The :class:`BertConfig` of an HF-format BERT folder's ``config.json``."""
+    raw = json.loads((Path(folder) / "config.json").read_text())
+    known = {f.name for f in fields(BertConfig)}
+    return BertConfig(**{k: v for k, v in raw.items() if k in known})
+
+
 def load_hf_bert(folder: str | Path) -> BertEncoder:
     """An HF-format BERT folder (``config.json`` + ``model.safetensors``) as a :class:`BertEncoder`."""
     folder = Path(folder)
-    raw = json.loads((folder / "config.json").read_text())
-    known = {f.name for f in fields(BertConfig)}
-    cfg = BertConfig(**{k: v for k, v in raw.items() if k in known})
+    cfg = bert_config(folder)
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing (only safetensors weights are read, never pickles)")

@@ -81,21 +81,28 @@ class CLIP(nn.Module):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.visual_proj(self.visual(pixels))
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def text_features(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The text tower's pooled output, before the projection (B, text.num_features)."""
         if isinstance(self.text, BertEncoder):
-            features = self.text.encode(input_ids, attention_mask, normalize=False)
-        else:
-            features = self.text(input_ids)
-        return self.text_proj(features)
+            return self.text.encode(input_ids, attention_mask, normalize=False)
+        return self.text(input_ids)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.text_proj(self.text_features(input_ids, attention_mask))
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), the log clamped to [0, log(max_logit_scale)] (gradient passes inside)."""
         return self.logit_scale.clamp(0, self.max_log_scale).exp()
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None) -> dict:
+    def forward(self, images: torch.Tensor, input_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, text_features: Optional[torch.Tensor] = None) -> dict:
+        """``text_features`` (the tower's output, e.g. cached from a locked tower) replaces ``input_ids``."""
+        if text_features is None:
+            if input_ids is None:
+                raise ValueError("CLIP.forward needs input_ids or text_features")
+            text_features = self.text_features(input_ids, attention_mask)
         return {"image_embeds": F.normalize(self.encode_image(images), dim=-1),
-                "text_embeds": F.normalize(self.encode_text(input_ids, attention_mask), dim=-1),
+                "text_embeds": F.normalize(self.text_proj(text_features), dim=-1),
                 "logit_scale": self.scale(), "logit_bias": self.logit_bias}
 
 

