@@ -1,4 +1,4 @@
-"""The ``vlkit`` command line: train, eval, predict, quickstart.
+"""The ``vlkit`` command line: train, eval, predict, search, quickstart.
 
 Every command reads its configuration the same way: a YAML recipe (a path, or the name of a
 file in ``configs/``) and ``key=value`` overrides (``train.lr=1e-3 model.vit.depth=6``).
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from vlkit.config import ConfigError, apply_overrides, from_dict, read_yaml
+from vlkit.data.images import BadImageError
 
 log = logging.getLogger("vlkit")
 
@@ -128,6 +129,42 @@ def cmd_predict(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_search_index(args) -> int:
+    from vlkit.search import Embedder, build_index
+
+    index_dir = args.index or str(Path(args.folder) / ".vlkit_index")
+    _, stats = build_index(Embedder.load(args.model), args.folder, index_dir, backend=args.backend,
+                           batch_size=args.batch_size, progress=sys.stderr.isatty())
+    print(f"index {index_dir}: {stats['files']} images ({stats['added']} added, {stats['kept']} kept, "
+          f"{stats['removed']} removed), {stats['skipped']} unreadable skipped ({stats['new_skipped']} new), "
+          f"{stats['backend']} search, {stats['seconds']:.1f} s")
+    return 0
+
+
+def cmd_search_query(args) -> int:
+    from vlkit.search import Embedder, SearchIndex
+    from vlkit.viz.grid import RetrievalRow, save_retrieval_grid
+
+    if bool(args.text) == bool(args.image):
+        raise ConfigError("query", "give a text query or --image PATH (one of them)")
+    index = SearchIndex.load(args.index)
+    embedder = Embedder.load(args.model or index.model_path())
+    query = embedder.images([args.image]) if args.image else embedder.texts([" ".join(args.text)])
+    hits = index.search(query, args.k)[0]
+    for rank, (path, score) in enumerate(hits, 1):
+        print(f"{rank:>3}  {score:.4f}  {path}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([{"path": p, "score": s} for p, s in hits], indent=2))
+    if args.picture:
+        from vlkit.data.images import load_image
+
+        row = RetrievalRow(" ".join(args.text), [load_image(p) for p, _ in hits],
+                           [f"{s:.3f} {Path(p).name}" for p, s in hits],
+                           query_image=load_image(args.image) if args.image else None)
+        print(f"picture: {save_retrieval_grid([row], args.picture)}")
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from vlkit.tasks.quickstart import run_quickstart
 
@@ -155,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=int, default=3)
     r.add_argument("--json", default="", help="also write the predictions to this JSON file")
     r.set_defaults(fn=cmd_predict)
+    _search_parser(sub)
     q = sub.add_parser("quickstart", help="train, evaluate and report the main job (about 5 CPU minutes)")
     q.add_argument("--out", default="runs/quickstart")
     q.add_argument("--tiny", action="store_true", help="a seconds-long version (smoke test)")
@@ -163,12 +201,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _search_parser(sub) -> None:
+    s = sub.add_parser("search", help="index a folder of images with a CLIP-style model, query it by text or image")
+    ssub = s.add_subparsers(dest="search_command", required=True)
+    i = ssub.add_parser("index", help="vlkit search index MODEL FOLDER: embed (new) images into an index")
+    i.add_argument("model", help="contrastive run folder, vlkit CLIP model folder or HF CLIPModel folder")
+    i.add_argument("folder", help="folder of images (searched recursively; hidden entries skipped)")
+    i.add_argument("--index", default="", help="index folder (default: FOLDER/.vlkit_index)")
+    i.add_argument("--backend", choices=["auto", "exact", "faiss"], default="auto",
+                   help="exact search, or FAISS IVF (auto: FAISS from 50,000 images)")
+    i.add_argument("--batch-size", type=int, default=64)
+    i.set_defaults(fn=cmd_search_index)
+    q = ssub.add_parser("query", help='vlkit search query INDEX "a red circle" | --image PATH')
+    q.add_argument("index", help="index folder written by vlkit search index")
+    q.add_argument("text", nargs="*", help="text query")
+    q.add_argument("--image", default="", help="query by this image instead")
+    q.add_argument("-k", type=int, default=5, help="results to return")
+    q.add_argument("--model", default="", help="model to embed the query (default: the one that built the index)")
+    q.add_argument("--json", default="", help="also write the results to this JSON file")
+    q.add_argument("--picture", default="", help="also draw the query and its results into this PNG")
+    q.set_defaults(fn=cmd_search_query)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, BadImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -278,6 +278,7 @@ def train(cfg: ContrastiveConfig, run_dir: str | Path | None = None, resume: boo
         from vlkit.checkpoints.hub import save_model
 
         save_model(model, run_dir / "model", "clip", cfg, meta={"classes": names, "templates": list(cfg.templates)})
+        tokenizer.save(run_dir / "model" / "tokenizer")  # the model folder is usable on its own (vlkit search)
         result["eval"] = {name: evaluate_split(model, ds, tokenizer, cfg, names) for name, ds in evals.items()}
         (run_dir / "eval.json").write_text(json.dumps({"train": summary, "eval": result["eval"]}, indent=2))
     return result

@@ -1,9 +1,11 @@
-"""Sample grids: images with their predicted and true labels, written as PNG."""
+"""Sample grids written as PNG: images with their predicted and true labels; retrieval results per query."""
 from __future__ import annotations
 
 import math
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import matplotlib
 
@@ -41,3 +43,51 @@ def save_prediction_grid(images: torch.Tensor, true: Sequence[str], pred: Sequen
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+@dataclass
+class RetrievalRow:
+    """One query and its results: ``images`` (PIL images or (C, H, W) tensors), a label per image
+    (e.g. score and file name), and optionally whether each result is a correct match."""
+
+    query: str
+    images: Sequence
+    labels: Sequence[str]
+    correct: Optional[Sequence[bool]] = None
+    query_image: Any = None  # an image query, drawn in the first column
+
+
+def save_retrieval_grid(rows: Sequence[RetrievalRow], path: str | Path, title: str = "") -> Path:
+    """Write one row per query: the query (text, or its image) then its top results, labelled;
+    green / red titles where correctness is known."""
+    ncols = 1 + max((len(r.images) for r in rows), default=0)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.9 * ncols, 2.1 * len(rows)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, row in enumerate(rows):
+        head = axes[r, 0]
+        if row.query_image is not None:
+            head.imshow(_as_array(row.query_image), interpolation="nearest")
+            head.set_title("query image", fontsize=8)
+        else:
+            head.text(0.5, 0.5, "\n".join(textwrap.wrap(row.query, 18)), ha="center", va="center", fontsize=9,
+                      transform=head.transAxes, bbox={"boxstyle": "round", "facecolor": "#eeeeee"})
+        for c, (image, label) in enumerate(zip(row.images, row.labels), start=1):
+            ax = axes[r, c]
+            ax.imshow(_as_array(image), interpolation="nearest")
+            color = "black" if row.correct is None else ("green" if row.correct[c - 1] else "red")
+            ax.set_title(label, fontsize=7, color=color)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _as_array(image) -> np.ndarray:
+    if isinstance(image, torch.Tensor):
+        return to_display(image)
+    return np.asarray(image.convert("RGB"))

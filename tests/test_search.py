@@ -1,0 +1,144 @@
+"""vlkit search: exact and FAISS search, incremental re-indexing, unreadable files, the CLI."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlkit.checkpoints.hub import save_model
+from vlkit.cli import main
+from vlkit.data.tokenizers import train_bpe
+from vlkit.data.world import WorldConfig, WorldDataset
+from vlkit.search import Embedder, SearchIndex, build_faiss, build_index, exact_search, scan
+from vlkit.tasks.contrastive import ContrastiveConfig, build_clip
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    """A small random vlkit CLIP model folder with its tokenizer."""
+    cfg = ContrastiveConfig(embed_dim=16)
+    cfg.vision.depth, cfg.vision.embed_dim, cfg.vision.num_heads = 1, 32, 2
+    cfg.text.depth, cfg.text.width, cfg.text.num_heads = 1, 32, 2
+    world = WorldDataset(WorldConfig(image_size=32), "train", length=64, task="retrieval")
+    tok = train_bpe((world[i]["caption"] for i in range(64)), vocab_size=600)
+    cfg.text.vocab_size = tok.vocab_size
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("clip") / "model"
+    save_model(build_clip(cfg), folder, "clip", cfg)
+    tok.save(folder / "tokenizer")
+    return folder
+
+
+def write_images(folder: Path, n: int, start: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    world = WorldDataset(WorldConfig(image_size=32), "test", length=start + n, task="retrieval")
+    paths = []
+    for i in range(start, start + n):
+        path = folder / ("sub" if i % 2 else "") / f"scene{i:03d}.png"
+        path.parent.mkdir(exist_ok=True)
+        world[i]["image"].save(path)
+        paths.append(path)
+    return paths
+
+
+def test_exact_search_equals_a_full_sort_across_chunks():
+    torch.manual_seed(0)
+    db, q = torch.randn(1000, 8), torch.randn(5, 8)
+    scores, ids = exact_search(db, q, k=7, chunk=64)
+    ref_s, ref_i = (q @ db.T).topk(7, dim=1)
+    assert torch.equal(ids, ref_i) and torch.allclose(scores, ref_s)
+    assert exact_search(db[:3], q, k=10)[1].shape == (5, 3)
+
+
+def test_faiss_ivf_finds_the_exact_neighbours_of_clustered_data():
+    torch.manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(20, 32), dim=-1)
+    db = torch.nn.functional.normalize(centres.repeat_interleave(100, 0) + 0.05 * torch.randn(2000, 32), dim=-1)
+    index = build_faiss(db, nlist=20, nprobe=4)
+    q = db[::97]
+    _, got = index.search(q.numpy(), 10)
+    _, ref = exact_search(db, q, 10)
+    recall = sum(len(set(g) & set(r)) for g, r in zip(got.tolist(), ref.tolist())) / ref.numel()
+    assert recall >= 0.95
+
+
+def test_index_query_and_incremental_reindex(tmp_path, clip_folder):
+    images = write_images(tmp_path / "imgs", 12)
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "imgs" / "notes.txt").write_text("ignored: not an image suffix")
+    (tmp_path / "imgs" / ".hidden").mkdir()
+    images[0].rename(tmp_path / "imgs" / ".hidden" / "x.png")  # hidden folders are not indexed
+    embedder = Embedder.load(clip_folder)
+    index, stats = build_index(embedder, tmp_path / "imgs", tmp_path / "idx", progress=False)
+    assert (stats["files"], stats["added"], stats["skipped"], stats["backend"]) == (11, 11, 1, "exact")
+    assert index.skipped[0]["path"] == "broken.jpg" and index.skipped[0]["error"]
+    assert set(scan(tmp_path / "imgs")) == {f["path"] for f in index.files} | {"broken.jpg"}
+
+    hits = SearchIndex.load(tmp_path / "idx").search(embedder.images([images[5]]), k=3)[0]
+    assert Path(hits[0][0]) == images[5].resolve() and hits[0][1] == pytest.approx(1.0, abs=1e-5)
+    text_hits = index.search(embedder.texts(["a red circle"]), k=4)[0]
+    assert len(text_hits) == 4 and all(a[1] >= b[1] for a, b in zip(text_hits, text_hits[1:]))
+
+    write_images(tmp_path / "imgs", 2, start=12)  # two new files
+    images[3].unlink()  # one deleted
+    os.utime(images[4], ns=(1, 1))  # one changed (new mtime)
+    index2, stats2 = build_index(embedder, tmp_path / "imgs", tmp_path / "idx", progress=False)
+    assert (stats2["added"], stats2["kept"], stats2["removed"], stats2["new_skipped"], stats2["skipped"]) == \
+        (3, 9, 2, 0, 1)  # the unchanged broken file is not retried
+    fresh, _ = build_index(embedder, tmp_path / "imgs", tmp_path / "idx_fresh", progress=False)
+    assert [f["path"] for f in index2.files] == [f["path"] for f in fresh.files]
+    assert torch.allclose(index2.embeddings, fresh.embeddings, atol=1e-5)
+
+
+def test_faiss_backend_and_a_changed_model_rebuilds(tmp_path, clip_folder):
+    images = write_images(tmp_path / "imgs", 8)
+    embedder = Embedder.load(clip_folder)
+    index, stats = build_index(embedder, tmp_path / "imgs", tmp_path / "idx", backend="faiss", progress=False)
+    assert stats["backend"] == "faiss" and (tmp_path / "idx" / "index.faiss").is_file()
+    loaded = SearchIndex.load(tmp_path / "idx")
+    assert loaded.faiss_index is not None
+    q = embedder.images(images[:4])
+    exact = [[p for p, _ in hits] for hits in SearchIndex(loaded.root, "", loaded.files, loaded.embeddings).search(q, 3)]
+    assert [[p for p, _ in hits] for hits in loaded.search(q, 3)] == exact
+    embedder.model_id = "another model"
+    _, stats = build_index(embedder, tmp_path / "imgs", tmp_path / "idx", backend="exact", progress=False)
+    assert (stats["added"], stats["kept"]) == (8, 0) and not (tmp_path / "idx" / "index.faiss").exists()
+
+
+def test_search_cli_index_query_picture(tmp_path, clip_folder, capsys):
+    images = write_images(tmp_path / "imgs", 6)
+    assert main(["search", "index", str(clip_folder), str(tmp_path / "imgs")]) == 0
+    assert "6 images (6 added" in capsys.readouterr().out
+    out_json, picture = tmp_path / "hits.json", tmp_path / "hits.png"
+    assert main(["search", "query", str(tmp_path / "imgs" / ".vlkit_index"), "a", "blue", "square", "-k", "3",
+                 "--json", str(out_json), "--picture", str(picture)]) == 0
+    assert len(json.loads(out_json.read_text())) == 3 and picture.stat().st_size > 1000
+    assert main(["search", "query", str(tmp_path / "imgs" / ".vlkit_index"), "--image", str(images[2]), "-k", "1"]) == 0
+    assert str(images[2].resolve()) in capsys.readouterr().out
+    assert main(["search", "query", str(tmp_path / "imgs" / ".vlkit_index")]) == 2  # no query
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG broken")
+    assert main(["search", "query", str(tmp_path / "imgs" / ".vlkit_index"), "--image", str(bad)]) == 2
+    assert main(["search", "query", str(tmp_path / "nowhere")]) == 2
+
+
+def test_hf_clip_folder_embeds_text_with_openai_bpe(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                max_position_embeddings=77, eos_token_id=49407, bos_token_id=49406, pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(0)
+    hf = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    embedder = Embedder.load(tmp_path / "hf")
+    from vlkit.data.tokenizers import clip_tokenizer
+
+    ids = clip_tokenizer()(["a photo of a cat"], 77)["input_ids"]
+    with torch.no_grad():
+        ref = hf.get_text_features(input_ids=ids)
+    ref = torch.nn.functional.normalize(getattr(ref, "pooler_output", ref), dim=-1)
+    assert (embedder.texts(["a photo of a cat"]) - ref).abs().max() <= 1e-4
+    images = write_images(tmp_path / "imgs", 2)
+    assert embedder.images(images).shape == (2, 16)
