@@ -101,3 +101,15 @@ def test_class_captions_are_seeded_per_epoch():
     assert first != [ds[i]["caption"] for i in range(40)]
     with pytest.raises(ValueError, match="template"):
         ClassCaptions(base, ["cat"], ["no slot"])
+
+
+def test_fixed_temperature_stays_fixed(tmp_path):
+    import math
+
+    run = tmp_path / "fixed"
+    assert main(["train", "clip_world", *TINY, "init_temperature=0.3", "learn_temperature=false",
+                 "--run-dir", str(run)]) == 0
+    assert vlkit.load(run).logit_scale.item() == pytest.approx(math.log(1 / 0.3), abs=1e-6)
+    learned = tmp_path / "learned"
+    assert main(["train", "clip_world", *TINY, "init_temperature=0.3", "--run-dir", str(learned)]) == 0
+    assert vlkit.load(learned).logit_scale.item() != pytest.approx(math.log(1 / 0.3), abs=1e-6)

@@ -68,6 +68,7 @@ class ContrastiveConfig:
     loss: Literal["infonce", "siglip", "triplet"] = "infonce"
     init_temperature: float = 0.07  # CLIP: 0.07; SigLIP starts at 0.1 with bias -10
     init_logit_bias: float = 0.0
+    learn_temperature: bool = True  # False: the temperature stays at init_temperature (SimCLR-style sweeps)
     triplet_margin: float = 0.2
     tokenizer_captions: int = 5000  # training captions the BPE is learned from
     world: WorldConfig = field(default_factory=lambda: WorldConfig(image_size=32))
@@ -108,6 +109,7 @@ def build_clip(cfg: ContrastiveConfig) -> CLIP:
     text = CLIPTextTransformer(cfg.text) if cfg.text_tower == "clip" else BertEncoder(cfg.bert)
     model = CLIP(VisionTransformer(cfg.vision), text, cfg.embed_dim,
                  init_temperature=cfg.init_temperature, init_logit_bias=cfg.init_logit_bias)
+    model.logit_scale.requires_grad_(cfg.learn_temperature)
     for tower, unlocked in (("visual", cfg.lock_vision), ("text", cfg.lock_text)):
         if unlocked >= 0:
             model.lock(tower, unlocked)
