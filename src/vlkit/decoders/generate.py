@@ -1,0 +1,176 @@
+"""Text generation with a KV-cached :class:`~vlkit.decoders.causal_lm.CausalLM`.
+
+- greedy, or sampling with temperature, top-k and top-p (nucleus, Holtzman et al. 2020), applied
+  in that order (as transformers does);
+- beam search (``num_beams`` > 1) with a length penalty: finished hypotheses are scored by
+  sum log p / length ** length_penalty, the search stops once every batch row has
+  ``num_beams`` finished ones;
+- batches of prompts of different lengths, left-padded (the model counts positions over real
+  tokens), end-of-sequence ids and stop strings (``generate_text`` decodes as it goes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from vlkit.decoders.causal_lm import CausalLM
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings; recorded next to every score a VLM reports."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False  # False: greedy (or beam search with num_beams > 1)
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0  # 1.0 = no nucleus filter
+    num_beams: int = 1
+    length_penalty: float = 1.0  # beam search: score = sum log p / length ** length_penalty
+    eos_token_ids: tuple[int, ...] = ()  # empty: the model's eos_token_id
+    stop_strings: tuple[str, ...] = ()  # generate_text: stop (and cut) at the first of these
+    pad_token_id: int = 0  # written after a sequence has ended
+    seed: int = 0  # sampling generator seed
+
+    def __post_init__(self):
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError("beam search with sampling is not supported: set do_sample=false or num_beams=1")
+        if self.temperature <= 0 and self.do_sample:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+
+
+def filter_logits(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """logits (B, V) / temperature, then top-k, then top-p; removed entries become -inf."""
+    logits = logits / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def _eos_ids(model: CausalLM, cfg: GenerationConfig, device) -> torch.Tensor:
+    ids = cfg.eos_token_ids or ((model.cfg.eos_token_id,) if model.cfg.eos_token_id is not None else ())
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+             cfg: GenerationConfig = GenerationConfig(),
+             stop_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """New tokens (B, <= max_new_tokens) for left-padded prompts ``input_ids`` (B, T); after a row's
+    end-of-sequence token (kept) or stop (``stop_fn(new tokens so far) -> (B,) bool``) it holds pad."""
+    if cfg.num_beams > 1:
+        return beam_search(model, input_ids, attention_mask, cfg)
+    B, T = input_ids.shape
+    cache = model.new_cache(B, T + cfg.max_new_tokens)
+    eos = _eos_ids(model, cfg, input_ids.device)
+    g = torch.Generator(device=input_ids.device).manual_seed(cfg.seed)
+    logits = model(input_ids, attention_mask, cache=cache, logits_to_keep=1)[:, -1]
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    out = []
+    for _ in range(cfg.max_new_tokens):
+        if cfg.do_sample:
+            probs = filter_logits(logits, cfg).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=g)[:, 0]
+        else:
+            token = logits.argmax(-1)
+        token = token.masked_fill(done, cfg.pad_token_id)
+        out.append(token)
+        done = done | torch.isin(token, eos)
+        if stop_fn is not None:
+            done = done | stop_fn(torch.stack(out, 1))
+        if bool(done.all()) or len(out) == cfg.max_new_tokens:
+            break
+        logits = model(token[:, None], cache=cache, logits_to_keep=1)[:, -1]
+    return torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
+
+
+@torch.no_grad()
+def beam_search(model: CausalLM, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                cfg: GenerationConfig) -> torch.Tensor:
+    """The best beam per row (B, <= max_new_tokens), padded with ``pad_token_id``."""
+    B, T = input_ids.shape
+    K, device = cfg.num_beams, input_ids.device
+    eos = set(_eos_ids(model, cfg, device).tolist())
+    cache = model.new_cache(B * K, T + cfg.max_new_tokens)
+    mask = attention_mask.repeat_interleave(K, 0) if attention_mask is not None else None
+    logprobs = model(input_ids.repeat_interleave(K, 0), mask, cache=cache, logits_to_keep=1)[:, -1].log_softmax(-1)
+    scores = torch.full((B, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    seqs = input_ids.new_zeros(B * K, 0)
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    V = logprobs.shape[-1]
+    for step in range(cfg.max_new_tokens):
+        cand = (scores.view(B * K, 1) + logprobs).view(B, K * V)
+        top_scores, top_ids = cand.topk(min(2 * K, K * V), dim=1)
+        parents, tokens, new_scores = _select_beams(top_scores, top_ids, V, K, eos, finished, seqs, step, cfg)
+        if all(len(f) >= K for f in finished) or step == cfg.max_new_tokens - 1:
+            break
+        flat = torch.tensor(parents, device=device)
+        cache.reorder(flat)
+        seqs = torch.cat([seqs[flat], torch.tensor(tokens, device=device)[:, None]], 1)
+        scores = torch.tensor(new_scores, device=device).view(B, K)
+        logprobs = model(seqs[:, -1:], cache=cache, logits_to_keep=1)[:, -1].log_softmax(-1)
+    return _best_beams(finished, seqs, scores, cfg, B, K, device)
+
+
+def _select_beams(top_scores, top_ids, V, K, eos, finished, seqs, step, cfg):
+    """Per row, walk the 2K best extensions: an end token finishes a hypothesis, others fill the K
+    live beams. Returns (parent rows, tokens, scores) of the B*K live beams."""
+    parents, tokens, new_scores = [], [], []
+    for b in range(top_scores.shape[0]):
+        live = 0
+        for s, idx in zip(top_scores[b].tolist(), top_ids[b].tolist()):
+            beam, token = divmod(idx, V)
+            row = b * K + beam
+            if token in eos or step == cfg.max_new_tokens - 1:
+                if len(finished[b]) < K and s > float("-inf"):
+                    hyp = seqs[row].tolist() + [token]
+                    finished[b].append((s / len(hyp) ** cfg.length_penalty, hyp))
+                if token in eos:
+                    continue
+            if live < K:
+                parents.append(row)
+                tokens.append(token)
+                new_scores.append(s)
+                live += 1
+        while live < K:  # fewer candidates than beams (tiny vocabularies): pad with dead beams
+            parents.append(b * K)
+            tokens.append(cfg.pad_token_id)
+            new_scores.append(float("-inf"))
+            live += 1
+    return parents, tokens, new_scores
+
+
+def _best_beams(finished, seqs, scores, cfg, B, K, device) -> torch.Tensor:
+    best = []
+    for b in range(B):
+        hyps = list(finished[b])
+        if not hyps:  # nothing finished (cannot happen after max_new_tokens, kept for safety)
+            hyps = [(float(scores[b, k]) / max(1, seqs.shape[1]) ** cfg.length_penalty, seqs[b * K + k].tolist())
+                    for k in range(K)]
+        best.append(max(hyps, key=lambda h: h[0])[1])
+    width = max(len(h) for h in best)
+    out = torch.full((B, width), cfg.pad_token_id, dtype=torch.long, device=device)
+    for b, h in enumerate(best):
+        out[b, :len(h)] = torch.tensor(h, dtype=torch.long)
+    return out
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (input_ids (B, T) left-padded, attention_mask (B, T))."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask

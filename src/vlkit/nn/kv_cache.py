@@ -1,0 +1,50 @@
+"""A static key/value cache for causal decoding: preallocated (layers, B, H_kv, max_len, D) tensors
+written in place, so a decoding step costs no allocation and shapes stay fixed (CUDA graphs /
+torch.compile friendly). ``key_mask`` marks real (non-padding) key positions for left-padded batches.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of every layer for ``batch`` sequences of up to ``max_len`` positions.
+
+    A forward of T new tokens calls :meth:`update` once per layer (writing positions
+    ``length .. length+T-1`` and returning all keys/values so far), then :meth:`advance` (T)."""
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, H_kv, T, D) of the new tokens -> all keys and values (B, H_kv, length + T, D)."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def add_keys(self, mask: torch.Tensor) -> torch.Tensor:
+        """Record which of the next T positions are real tokens (mask (B, T) bool); returns the key
+        mask over every position so far (B, length + T)."""
+        end = self.length + mask.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.key_mask[:, self.length:end] = mask
+        return self.key_mask[:, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (beam search: each beam continues from its parent's cache)."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+        self.key_mask = self.key_mask.index_select(0, index)

@@ -1,0 +1,159 @@
+"""Causal decoders: parity with transformers (Llama with GQA, GPT-2), KV cache == full forward,
+left-padded batches, greedy / sampling / beam search."""
+import itertools
+
+import pytest
+import torch
+
+from vlkit.decoders.causal_lm import CausalLM, DecoderConfig
+from vlkit.decoders.generate import GenerationConfig, filter_logits, generate, left_pad
+from vlkit.decoders.loading import load_hf_gpt2, load_hf_llama, unpermute_gguf_qk
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_llama(tmp_path, tie=True, **kw):
+    cfg = transformers.LlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=37, tie_word_embeddings=tie,
+                                   max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    return hf, load_hf_llama(tmp_path)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_llama_gqa_logits_equal_transformers(tmp_path, tie):
+    hf, ours = hf_llama(tmp_path, tie=tie, rope_theta=500.0, attention_bias=True)
+    ids = torch.randint(3, 99, (2, 13))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max() <= 1e-4
+        ref = hf(ids, attention_mask=mask).logits
+        assert (ours(ids, attention_mask=mask) - ref)[mask.bool()].abs().max() <= 1e-4
+    assert ours.cfg.num_kv_heads == 2 and (ours.lm_head.weight is ours.embed_tokens.weight) == tie
+
+
+def test_gpt2_logits_equal_transformers(tmp_path):
+    cfg = transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+                                  eos_token_id=2)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ours = load_hf_gpt2(tmp_path)
+    ids = torch.randint(0, 99, (3, 17))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        ours(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_unsupported_llama_variants_fail_clearly(tmp_path):
+    import json
+
+    hf_llama(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="yarn"):
+        load_hf_llama(tmp_path)
+
+
+def tiny(**kw) -> CausalLM:
+    torch.manual_seed(0)
+    return CausalLM(DecoderConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                  intermediate_size=48, max_position_embeddings=64, **kw)).eval()
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_kv_cached_decoding_equals_a_full_forward(positions):
+    model = tiny(positions=positions)
+    ids = torch.randint(3, 50, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # row 0 left-padded
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)
+        cache = model.new_cache(2, 12)
+        steps = [model(ids[:, :5], mask[:, :5], cache=cache)]
+        steps += [model(ids[:, t:t + 1], mask[:, t:t + 1], cache=cache) for t in range(5, 9)]
+        steps.append(model(ids[:, 9:], mask[:, 9:], cache=cache))  # several new tokens on a cache
+    cached = torch.cat(steps, 1)
+    assert (cached - full)[mask.bool()].abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="KV cache full"):
+        model(ids[:, :1], cache=cache)
+
+
+def test_batched_left_padded_greedy_equals_one_prompt_at_a_time():
+    model = tiny()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+    cfg = GenerationConfig(max_new_tokens=8, eos_token_ids=(49,))
+    ids, mask = left_pad(prompts, pad_id=0)
+    batched = generate(model, ids, mask, cfg)
+    for i, p in enumerate(prompts):
+        alone = generate(model, torch.tensor([p]), None, cfg)[0]
+        assert batched[i, :len(alone)].tolist() == alone.tolist()
+
+
+def test_greedy_equals_transformers_generate(tmp_path):
+    hf, ours = hf_llama(tmp_path)
+    ids = torch.randint(3, 99, (1, 7))
+    ref = hf.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 7:]
+    got = generate(ours, ids, None, GenerationConfig(max_new_tokens=10, eos_token_ids=(1000,)))[0]
+    assert got.tolist() == ref.tolist()
+
+
+def sequence_logprob(model, prompt: list[int], new: list[int]) -> float:
+    ids = torch.tensor([prompt + new])
+    with torch.no_grad():
+        lp = model(ids).log_softmax(-1)[0, len(prompt) - 1:-1]
+    return lp.gather(1, torch.tensor(new)[:, None]).sum().item()
+
+
+def test_beam_search_is_exact_when_beams_cover_every_sequence():
+    torch.manual_seed(0)
+    model = CausalLM(DecoderConfig(vocab_size=5, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                   intermediate_size=16, eos_token_id=None)).eval()
+    prompt = [1, 2]
+    best = max(itertools.product(range(5), repeat=3), key=lambda s: sequence_logprob(model, prompt, list(s)))
+    got = generate(model, torch.tensor([prompt]), None, GenerationConfig(max_new_tokens=3, num_beams=25,
+                                                                        length_penalty=0.0))[0]
+    assert got.tolist() == list(best)
+    greedy = generate(model, torch.tensor([prompt]), None, GenerationConfig(max_new_tokens=3))[0]
+    one_beam = generate(model, torch.tensor([prompt]), None, GenerationConfig(max_new_tokens=3, num_beams=1))[0]
+    assert one_beam.tolist() == greedy.tolist()
+    assert sequence_logprob(model, prompt, got.tolist()) >= sequence_logprob(model, prompt, greedy.tolist())
+
+
+def test_beam_search_stops_at_eos_and_pads():
+    model = tiny(eos_token_id=7)
+    out = generate(model, torch.tensor([[3, 4], [5, 6]]), None, GenerationConfig(max_new_tokens=12, num_beams=3))
+    assert out.shape[0] == 2
+    for row in out.tolist():
+        if 7 in row:
+            assert all(t == 0 for t in row[row.index(7) + 1:])
+
+
+def test_sampling_filters_and_seed():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    kept = filter_logits(logits, GenerationConfig(do_sample=True, top_k=2)).isfinite()
+    assert kept.tolist() == [[True, True, False, False, False]]
+    p = logits.softmax(-1)[0]  # 0.64, 0.24, ...: top_p 0.8 keeps the two first (0.64 < 0.8 <= 0.88)
+    kept = filter_logits(logits, GenerationConfig(do_sample=True, top_p=0.8)).isfinite()
+    assert kept.tolist() == [[True, True, False, False, False]] and p[0] < 0.8 <= p[:2].sum()
+    model = tiny()
+    ids = torch.tensor([[5, 6, 7]])
+    cfg = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=0.8, top_p=0.9, seed=3, eos_token_ids=(49,))
+    assert generate(model, ids, None, cfg).tolist() == generate(model, ids, None, cfg).tolist()
+    greedy = generate(model, ids, None, GenerationConfig(max_new_tokens=6, eos_token_ids=(49,)))
+    top1 = generate(model, ids, None, GenerationConfig(max_new_tokens=6, do_sample=True, top_k=1, eos_token_ids=(49,)))
+    assert top1.tolist() == greedy.tolist()
+
+
+def test_gguf_qk_unpermute_inverts_llama_cpp_permute():
+    def permute(w, n_head):  # llama.cpp convert_hf_to_gguf.py LlamaModel.permute
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    w = torch.randn(3 * 8, 5)
+    assert torch.equal(unpermute_gguf_qk(permute(w, 3), 3), w)
+    assert not torch.equal(permute(w, 3), w)
