@@ -7,7 +7,8 @@ converters in :data:`FOREIGN`. Later model families register themselves here.
 Layouts recognised for ``path``:
 - a vlkit model folder: ``config.json`` with ``"format": "vlkit"`` + ``model.safetensors``;
 - a run folder (``vlkit train`` output): its ``model/`` subfolder;
-- a HF folder: ``config.json`` with a ``model_type`` in :data:`FOREIGN` + safetensors.
+- a HF folder: ``config.json`` with a ``model_type`` in :data:`FOREIGN` + safetensors;
+- a ``.gguf`` file (llama architecture): dequantised into a :class:`~vlkit.decoders.causal_lm.CausalLM`.
 """
 from __future__ import annotations
 
@@ -50,6 +51,12 @@ def _register_builtin() -> None:
     register_architecture("clip", ContrastiveConfig, build_clip)
     FOREIGN["clip"] = load_hf_clip
     FOREIGN["bert"] = load_hf_bert
+    from vlkit.decoders.causal_lm import DecoderConfig
+    from vlkit.decoders.loading import build_causal_lm, load_hf_gpt2, load_hf_llama
+
+    register_architecture("causal_lm", DecoderConfig, build_causal_lm)
+    FOREIGN["llama"] = load_hf_llama
+    FOREIGN["gpt2"] = load_hf_gpt2
 
 
 def save_model(model: nn.Module, folder: str | Path, architecture: str, cfg: Any, meta: dict | None = None) -> Path:
@@ -85,6 +92,10 @@ def load(path: str | Path) -> nn.Module:
     Every key and shape must match (else :class:`CheckpointError` naming the first mismatch).
     """
     _register_builtin()
+    if Path(path).suffix == ".gguf":
+        from vlkit.decoders.loading import load_gguf
+
+        return load_gguf(path).eval()
     folder = model_folder(path)
     doc = read_model_config(folder)
     if doc.get("format") == "vlkit":

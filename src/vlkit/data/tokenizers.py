@@ -202,3 +202,45 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int =
     tok.train_from_iterator(itertools.chain([coverage], (clean_text(t) for t in texts)), trainer=trainer)
     return TextTokenizer(tok, tok.token_to_id(CLIP_BOS), tok.token_to_id(CLIP_EOS), tok.token_to_id("<pad>"),
                          clean=True, byte_words=True)
+
+
+GGUF_CONTROL = 3  # tokenizer.ggml.token_type of control (special) tokens
+GGUF_USER_DEFINED = 4
+
+
+def gguf_pre_tokenizer(pre: Optional[str]):
+    """llama.cpp's pre-tokeniser name -> the ``tokenizers`` one: GPT-2's byte-level regex split, with
+    SmolLM's digits split one by one first ("smollm", as in SmolLM's own tokenizer.json)."""
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre in (None, "default", "gpt2", "gpt-2"):
+        return byte_level
+    raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (smollm, gpt2)")
+
+
+def gguf_tokenizer(reader) -> TextTokenizer:
+    """The byte-level BPE stored in a GGUF file (``tokenizer.ggml.model == "gpt2"``), as a
+    :class:`TextTokenizer`: vocabulary, merges, control tokens kept whole, the file's bos (only when
+    ``add_bos_token``) and padding ids; no end token is appended (prompts go on)."""
+    from tokenizers import AddedToken, decoders, models
+
+    fields = reader.fields
+
+    def value(key, default=None):
+        return fields[key].contents() if key in fields else default
+
+    kind = value("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (gpt2 byte-level BPE)")
+    tokens, types = value("tokenizer.ggml.tokens"), value("tokenizer.ggml.token_type", [])
+    merges = [tuple(m.split(" ", 1)) for m in value("tokenizer.ggml.merges", [])]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=False))
+    tok.pre_tokenizer = gguf_pre_tokenizer(value("tokenizer.ggml.pre"))
+    tok.decoder = decoders.ByteLevel()
+    special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == GGUF_CONTROL]
+    tok.add_special_tokens(special)
+    tok.add_tokens([AddedToken(t, normalized=False) for t, k in zip(tokens, types) if k == GGUF_USER_DEFINED])
+    bos = value("tokenizer.ggml.bos_token_id") if value("tokenizer.ggml.add_bos_token", False) else None
+    pad = value("tokenizer.ggml.padding_token_id", value("tokenizer.ggml.eos_token_id", 0))
+    return TextTokenizer(tok, bos, None, pad)  # no end token appended: the model's eos ends generation

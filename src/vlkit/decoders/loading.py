@@ -119,6 +119,11 @@ def load_hf_gpt2(folder: str | Path) -> CausalLM:
     return _build(cfg, convert_gpt2(_weights(folder), cfg), str(folder))
 
 
+def build_causal_lm(cfg: DecoderConfig) -> CausalLM:
+    """A vlkit-format decoder folder's model (``architecture: causal_lm``)."""
+    return CausalLM(cfg)
+
+
 def _build(cfg: DecoderConfig, state: dict[str, torch.Tensor], source: str) -> CausalLM:
     model = CausalLM(cfg)
     if cfg.tie_embeddings:
@@ -190,7 +195,7 @@ def read_gguf(path: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists the fastest dimension first
         arr = dequantize(t.data, t.tensor_type)
-        tensors[t.name] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape))
+        tensors[t.name] = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))  # a writable copy
     return reader, tensors
 
 
