@@ -1,1 +1,63 @@
+"""Connectors: visual tokens (B, N, C_v) -> tokens in the language model's space (B, K, C_l).
 
+One family per file (``simple``, ``resampler``, ``qformer``, ``cabstractor``); :class:`ConnectorConfig`
+picks one and :func:`build_connector` builds it for given widths.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from vlkit.config import ConfigError
+from vlkit.connectors.cabstractor import CAbstractor
+from vlkit.connectors.qformer import QFormer
+from vlkit.connectors.resampler import PerceiverResampler
+from vlkit.connectors.simple import AvgPoolConnector, IdentityConnector, LinearConnector, MlpConnector, \
+    PixelShuffleConnector
+
+KINDS = ("identity", "linear", "mlp", "avgpool", "pixel_shuffle", "resampler", "qformer", "cabstractor")
+
+
+@dataclass
+class ConnectorConfig:
+    """Which connector, and its sizes (fields not used by a kind are ignored)."""
+
+    kind: Literal["identity", "linear", "mlp", "avgpool", "pixel_shuffle", "resampler", "qformer",
+                  "cabstractor"] = "mlp"
+    num_tokens: int = 64  # K output tokens: avgpool, resampler, qformer, cabstractor (a square for grids)
+    depth: int = 2  # resampler / Q-Former layers; C-Abstractor blocks per stage
+    num_heads: int = 8  # resampler / Q-Former attention heads
+    width: int = 0  # internal width of resampler / Q-Former / C-Abstractor (0 = the vision width)
+    mlp_ratio: float = 4.0
+    scale: int = 2  # pixel_shuffle: r x r tokens -> 1
+    max_frames: int = 1  # resampler: learned temporal embeddings
+    cross_attention_every: int = 1  # Q-Former: cross-attention in every n-th layer (BLIP-2: 2)
+
+    def __post_init__(self):
+        if self.num_tokens < 1:
+            raise ConfigError("num_tokens", f"must be >= 1, got {self.num_tokens}")
+
+
+def build_connector(cfg: ConnectorConfig, in_dim: int, out_dim: int) -> nn.Module:
+    k = cfg.kind
+    if k == "identity":
+        return IdentityConnector(in_dim, out_dim)
+    if k == "linear":
+        return LinearConnector(in_dim, out_dim)
+    if k == "mlp":
+        return MlpConnector(in_dim, out_dim)
+    if k == "avgpool":
+        return AvgPoolConnector(in_dim, out_dim, cfg.num_tokens)
+    if k == "pixel_shuffle":
+        return PixelShuffleConnector(in_dim, out_dim, cfg.scale)
+    if k == "resampler":
+        return PerceiverResampler(in_dim, out_dim, cfg.num_tokens, cfg.depth, cfg.num_heads, cfg.width,
+                                  cfg.mlp_ratio, cfg.max_frames)
+    if k == "qformer":
+        return QFormer(in_dim, out_dim, cfg.num_tokens, cfg.depth, cfg.num_heads, cfg.width, cfg.mlp_ratio,
+                       cfg.cross_attention_every)
+    if k == "cabstractor":
+        return CAbstractor(in_dim, out_dim, cfg.num_tokens, cfg.depth, cfg.width)
+    raise ConfigError("kind", f"unknown connector {k!r}; known: {', '.join(KINDS)}")
