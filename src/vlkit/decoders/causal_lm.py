@@ -13,7 +13,7 @@ left-padded batches; positions then count real tokens only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,9 @@ from torch import nn
 from vlkit.nn.kv_cache import KVCache
 from vlkit.nn.layers import Linear, RMSNorm
 from vlkit.nn.rope import RotaryEmbedding, apply_rope
+
+
+LayerHook = Callable[[int, torch.Tensor, int], torch.Tensor]  # (block index, x (B, T, C), past) -> x
 
 
 @dataclass
@@ -189,10 +192,14 @@ class CausalLM(nn.Module):
         return positions, allowed[:, None], False
 
     def forward_hidden(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                       inputs_embeds: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
-        """Final-norm hidden states (B, T, C)."""
+                       inputs_embeds: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
+                       layer_hook: Optional[LayerHook] = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, C). ``layer_hook(i, x, past)`` runs before block i and
+        returns the new x (VLM injection: gated cross-attention, eP-ALM tokens); ``past`` is the
+        number of cached positions before these T tokens."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
+        past = cache.length if cache is not None else 0
         positions, mask, is_causal = self.positions_and_mask(B, T, attention_mask, cache, x.device)
         if self.pos_embed is not None:
             if int(positions.max()) >= self.cfg.max_position_embeddings:
@@ -201,6 +208,8 @@ class CausalLM(nn.Module):
             x = x + self.pos_embed(positions)
         rope = self.rope(positions) if self.rope is not None else None
         for i, blk in enumerate(self.blocks):
+            if layer_hook is not None:
+                x = layer_hook(i, x, past)
             x = blk(x, rope, mask, is_causal, cache, i)
         if cache is not None:
             cache.advance(T)
@@ -208,8 +217,8 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
-        h = self.forward_hidden(input_ids, attention_mask, inputs_embeds, cache)
+                logits_to_keep: int = 0, layer_hook: Optional[LayerHook] = None) -> torch.Tensor:
+        h = self.forward_hidden(input_ids, attention_mask, inputs_embeds, cache, layer_hook)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h).float()

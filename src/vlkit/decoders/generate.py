@@ -63,16 +63,19 @@ def _eos_ids(model: CausalLM, cfg: GenerationConfig, device) -> torch.Tensor:
 @torch.no_grad()
 def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
              cfg: GenerationConfig = GenerationConfig(),
-             stop_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+             stop_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+             inputs_embeds: Optional[torch.Tensor] = None, layer_hook=None) -> torch.Tensor:
     """New tokens (B, <= max_new_tokens) for left-padded prompts ``input_ids`` (B, T); after a row's
-    end-of-sequence token (kept) or stop (``stop_fn(new tokens so far) -> (B,) bool``) it holds pad."""
+    end-of-sequence token (kept) or stop (``stop_fn(new tokens so far) -> (B,) bool``) it holds pad.
+    A VLM passes the prompt as ``inputs_embeds`` (visual tokens spliced in) and/or a ``layer_hook``."""
     if cfg.num_beams > 1:
-        return beam_search(model, input_ids, attention_mask, cfg)
+        return beam_search(model, input_ids, attention_mask, cfg, inputs_embeds, layer_hook)
     B, T = input_ids.shape
     cache = model.new_cache(B, T + cfg.max_new_tokens)
     eos = _eos_ids(model, cfg, input_ids.device)
     g = torch.Generator(device=input_ids.device).manual_seed(cfg.seed)
-    logits = model(input_ids, attention_mask, cache=cache, logits_to_keep=1)[:, -1]
+    logits = model(None if inputs_embeds is not None else input_ids, attention_mask, inputs_embeds, cache=cache,
+                   logits_to_keep=1, layer_hook=layer_hook)[:, -1]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     out = []
     for _ in range(cfg.max_new_tokens):
@@ -88,20 +91,24 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: Optional[
             done = done | stop_fn(torch.stack(out, 1))
         if bool(done.all()) or len(out) == cfg.max_new_tokens:
             break
-        logits = model(token[:, None], cache=cache, logits_to_keep=1)[:, -1]
+        logits = model(token[:, None], cache=cache, logits_to_keep=1, layer_hook=layer_hook)[:, -1]
     return torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
 
 
 @torch.no_grad()
 def beam_search(model: CausalLM, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                cfg: GenerationConfig) -> torch.Tensor:
-    """The best beam per row (B, <= max_new_tokens), padded with ``pad_token_id``."""
+                cfg: GenerationConfig, inputs_embeds: Optional[torch.Tensor] = None, layer_hook=None) -> torch.Tensor:
+    """The best beam per row (B, <= max_new_tokens), padded with ``pad_token_id``. A ``layer_hook``
+    must accept the B * num_beams rows (each row's beams are consecutive)."""
     B, T = input_ids.shape
     K, device = cfg.num_beams, input_ids.device
     eos = set(_eos_ids(model, cfg, device).tolist())
     cache = model.new_cache(B * K, T + cfg.max_new_tokens)
     mask = attention_mask.repeat_interleave(K, 0) if attention_mask is not None else None
-    logprobs = model(input_ids.repeat_interleave(K, 0), mask, cache=cache, logits_to_keep=1)[:, -1].log_softmax(-1)
+    embeds = inputs_embeds.repeat_interleave(K, 0) if inputs_embeds is not None else None
+    ids = None if embeds is not None else input_ids.repeat_interleave(K, 0)
+    logprobs = model(ids, mask, embeds, cache=cache, logits_to_keep=1,
+                     layer_hook=layer_hook)[:, -1].log_softmax(-1)
     scores = torch.full((B, K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
     seqs = input_ids.new_zeros(B * K, 0)
@@ -117,7 +124,7 @@ def beam_search(model: CausalLM, input_ids: torch.Tensor, attention_mask: Option
         cache.reorder(flat)
         seqs = torch.cat([seqs[flat], torch.tensor(tokens, device=device)[:, None]], 1)
         scores = torch.tensor(new_scores, device=device).view(B, K)
-        logprobs = model(seqs[:, -1:], cache=cache, logits_to_keep=1)[:, -1].log_softmax(-1)
+        logprobs = model(seqs[:, -1:], cache=cache, logits_to_keep=1, layer_hook=layer_hook)[:, -1].log_softmax(-1)
     return _best_beams(finished, seqs, scores, cfg, B, K, device)
 
 

@@ -1,0 +1,206 @@
+"""Vision-language models as ``VLM(vision encoder, connector, language model)``, with the three
+ways of injecting the visual tokens that the DePALM survey (Shukor et al. 2024) distinguishes:
+
+- ``tokens``: visual tokens spliced into the text where ``<image>`` placeholders stand, several
+  images per sample, anywhere in the text (LLaVA, Liu et al. 2023; BLIP-2, Li et al. 2023;
+  Idefics2, Laurençon et al. 2024). The prompt carries ``num_visual_tokens`` placeholder ids per
+  image (as transformers' LLaVA processors write them); their embeddings are replaced.
+- ``cross_attention``: Flamingo (Alayrac et al. 2022, §2.2, eq. in Fig. 4): a gated cross-attention
+  + dense block before every ``cross_attention_every``-th decoder layer; text tokens attend to the
+  visual tokens of the last image before them; ``tanh`` gates start at 0, so the model is exactly
+  the language model at initialisation. Each image is marked in the text by ONE placeholder,
+  whose embedding is a learned ``media_embed``.
+- ``inject``: eP-ALM (Shukor et al. 2023, §3): the class tokens of the encoder's last n layers,
+  projected, replace the hidden state of a single placeholder token at the input of n decoder
+  layers (``inject_layers``, default the last n).
+
+Feature extraction (``features``): patch tokens of the last layer (``last``), of the n last layers
+concatenated along channels (``last_n``), their class tokens (``cls_last_n``, what eP-ALM injects),
+or the pooled output (``pooled``, one token).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlkit.decoders.causal_lm import CausalLM
+from vlkit.decoders.generate import GenerationConfig, generate
+from vlkit.nn.attention import Attention
+from vlkit.nn.mlp import Mlp
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class InjectionConfig:
+    """How visual tokens reach the language model."""
+
+    style: Literal["tokens", "cross_attention", "inject"] = "tokens"
+    features: Literal["last", "last_n", "cls_last_n", "pooled"] = "last"
+    num_layers: int = 1  # n for last_n / cls_last_n
+    keep_prefix_tokens: bool = False  # features=last: keep the class (and distillation) tokens too
+    cross_attention_every: int = 1  # cross_attention: a gated block before every n-th decoder layer
+    cross_attention_heads: int = 8
+    inject_layers: tuple[int, ...] = ()  # inject: decoder layers receiving the n tokens (default: the last n)
+
+
+class VisualFeatures(nn.Module):
+    """images (B, C, H, W) -> visual features (B, N, C_v) from a vlkit ViT or a convnet feature map."""
+
+    def __init__(self, encoder: nn.Module, cfg: InjectionConfig):
+        super().__init__()
+        self.encoder, self.cfg = encoder, cfg
+        self.is_vit = hasattr(encoder, "blocks") and hasattr(encoder, "num_prefix_tokens")
+        if not self.is_vit and cfg.features != "last":
+            raise ValueError(f"features={cfg.features!r} needs a ViT encoder; a convnet gives its last feature map")
+        width = getattr(encoder, "num_features", None) or encoder.cfg.embed_dim
+        self.dim = width * cfg.num_layers if cfg.features == "last_n" else width
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        cfg, enc = self.cfg, self.encoder
+        if not self.is_vit:
+            fmap = enc.forward_features(images)  # (B, C, h, w)
+            return fmap.flatten(2).transpose(1, 2)
+        p = 0 if cfg.keep_prefix_tokens else enc.num_prefix_tokens
+        if cfg.features == "last":
+            return enc.forward_features(images)[:, p:]
+        if cfg.features == "pooled":
+            return enc.forward_head(enc.forward_features(images), pre_logits=True)[:, None]
+        layers = enc.forward_intermediates(images, cfg.num_layers, norm=True)
+        if cfg.features == "cls_last_n":
+            return torch.stack([t[:, 0] for t in layers], dim=1)  # (B, n, C)
+        return torch.cat([t[:, p:] for t in layers], dim=-1)  # (B, N, n C)
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """Flamingo's GATED XATTN-DENSE: x + tanh(a) xattn(x, visual); then + tanh(b) ffw(x); a = b = 0 at init."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, num_heads, kv_dim=dim)
+        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, int(dim * mlp_ratio))
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, visual: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C), visual (B, S, C), allowed (B, T, S) bool; rows with no allowed key get 0."""
+        seen = allowed.any(-1, keepdim=True)  # (B, T, 1) tokens after at least one image
+        mask = (allowed | ~seen)[:, None]  # (B, 1, T, S); rows without images attend to all, then zeroed
+        out = self.attn(self.norm1(x), visual.to(x.dtype), mask=mask) * seen
+        x = x + torch.tanh(self.attn_gate) * out
+        return x + torch.tanh(self.ff_gate) * self.mlp(self.norm2(x))
+
+
+class VLM(nn.Module):
+    """forward(input_ids (B, T), attention_mask (B, T), images (M, C, H, W) in order of appearance,
+    labels (B, T) | None) -> {"logits" (B, T, V), "loss" (when labels; -100 ignored)}."""
+
+    def __init__(self, vision: nn.Module, connector: nn.Module, decoder: CausalLM, cfg: InjectionConfig,
+                 image_token_id: int, num_visual_tokens: int):
+        super().__init__()
+        self.features = VisualFeatures(vision, cfg)
+        self.connector, self.decoder, self.cfg = connector, decoder, cfg
+        self.image_token_id, self.num_visual_tokens = image_token_id, num_visual_tokens
+        dim, L = decoder.cfg.hidden_size, decoder.cfg.num_layers
+        self.xattn = nn.ModuleDict()
+        if cfg.style == "cross_attention":
+            for i in range(0, L, cfg.cross_attention_every):
+                self.xattn[str(i)] = GatedCrossAttentionBlock(dim, cfg.cross_attention_heads)
+            self.media_embed = nn.Parameter(torch.randn(dim) * decoder.cfg.init_std)
+        self.inject_layers = tuple(cfg.inject_layers) or tuple(range(L - cfg.num_layers, L))
+        if cfg.style == "inject" and len(self.inject_layers) != cfg.num_layers:
+            raise ValueError(f"inject: {len(self.inject_layers)} layers for {cfg.num_layers} visual tokens")
+
+    def placeholders_per_image(self) -> int:
+        """Placeholder ids a prompt carries per image: K visual tokens (tokens), else one marker."""
+        return self.num_visual_tokens if self.cfg.style == "tokens" else 1
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(M, C, H, W) -> visual tokens in the language model's space (M, K, C_lm)."""
+        return self.connector(self.features(images))
+
+    def _embed(self, input_ids: torch.Tensor, visual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        is_img = input_ids == self.image_token_id
+        embeds = self.decoder.embed_tokens(input_ids.masked_fill(is_img, 0))
+        n_marks = int(is_img.sum())
+        if visual is None:
+            if n_marks:
+                raise ValueError(f"{n_marks} image placeholders but no images")
+            return embeds, is_img
+        per_image = self.placeholders_per_image()
+        if n_marks != visual.shape[0] * per_image:
+            raise ValueError(f"{n_marks} image placeholders for {visual.shape[0]} images x {per_image} each")
+        if self.cfg.style == "tokens":
+            fill = visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)
+        elif self.cfg.style == "cross_attention":
+            fill = self.media_embed.to(embeds.dtype).expand(n_marks, -1)
+        else:
+            return embeds, is_img  # inject: the placeholder keeps its token embedding until the first injection
+        return embeds.masked_scatter(is_img[..., None], fill), is_img
+
+    def _hook(self, visual: Optional[torch.Tensor], is_img: torch.Tensor):
+        """The decoder layer hook for cross-attention / injection (None for spliced tokens)."""
+        if visual is None or self.cfg.style == "tokens":
+            return None
+        if self.cfg.style == "inject":
+            return self._inject_hook(visual, is_img)
+        return self._xattn_hook(visual, is_img)
+
+    def _inject_hook(self, visual: torch.Tensor, is_img: torch.Tensor):
+        slots = {layer: j for j, layer in enumerate(self.inject_layers)}
+
+        def hook(i: int, x: torch.Tensor, past: int) -> torch.Tensor:
+            if i not in slots or past:  # decoding steps: the slot lives in the cache already
+                return x
+            rows = x.shape[0] // is_img.shape[0]  # beam search repeats each sample
+            where = is_img.repeat_interleave(rows, 0)[..., None]
+            return x.masked_scatter(where, visual[:, slots[i]].repeat_interleave(rows, 0).to(x.dtype))
+        return hook
+
+    def _xattn_hook(self, visual: torch.Tensor, is_img: torch.Tensor):
+        B, T = is_img.shape
+        M, K, C = visual.shape
+        counts = is_img.sum(1)  # images per sample
+        starts = torch.cumsum(counts, 0) - counts
+        m_max = int(counts.max())
+        media = visual.new_zeros(B, m_max, K, C)
+        for b in range(B):
+            media[b, :int(counts[b])] = visual[int(starts[b]):int(starts[b] + counts[b])]
+        last_image = is_img.long().cumsum(1)  # (B, T): images up to and including each position (1-based)
+        key_image = torch.arange(m_max, device=is_img.device).repeat_interleave(K) + 1  # (m_max K,)
+        state = {"last": last_image[:, -1:]}  # decoding: new tokens follow every image
+
+        def hook(i: int, x: torch.Tensor, past: int) -> torch.Tensor:
+            block = self.xattn[str(i)] if str(i) in self.xattn else None
+            if block is None:
+                return x
+            rows = x.shape[0] // B  # beam search repeats each sample
+            lid = last_image if not past else state["last"].expand(-1, x.shape[1])
+            allowed = (lid[:, :, None] == key_image[None, None]).repeat_interleave(rows, 0)
+            return block(x, media.flatten(1, 2).repeat_interleave(rows, 0), allowed)
+        return hook
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                images: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> dict:
+        visual = self.encode_images(images) if images is not None else None
+        embeds, is_img = self._embed(input_ids, visual)
+        logits = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask,
+                              layer_hook=self._hook(visual, is_img))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                          ignore_index=IGNORE_INDEX)
+        return out
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], images: Optional[torch.Tensor],
+                 cfg: GenerationConfig = GenerationConfig(), stop_fn=None) -> torch.Tensor:
+        """New tokens (B, <= max_new_tokens) after left-padded prompts with their images."""
+        visual = self.encode_images(images) if images is not None else None
+        embeds, is_img = self._embed(input_ids, visual)
+        return generate(self.decoder, input_ids, attention_mask, cfg, stop_fn, inputs_embeds=embeds,
+                        layer_hook=self._hook(visual, is_img))

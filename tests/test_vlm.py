@@ -1,0 +1,115 @@
+"""VLM = vision encoder + connector + language model, three injection styles: splicing at placeholders,
+Flamingo gated cross-attention (= the bare LM at init, per-image media masking), eP-ALM injection;
+KV-cached generation equals step-by-step full forwards in every style."""
+import pytest
+import torch
+
+from vlkit.connectors import ConnectorConfig, build_connector
+from vlkit.decoders.causal_lm import CausalLM, DecoderConfig
+from vlkit.decoders.generate import GenerationConfig
+from vlkit.encoders.vit import ViTConfig, VisionTransformer
+from vlkit.models.vlm import VLM, InjectionConfig
+
+IMG = 99  # placeholder id (outside the tiny vocabulary: never embedded as a token)
+
+
+def make_vlm(style="tokens", features="last", connector="avgpool", **kw) -> VLM:
+    torch.manual_seed(0)
+    vit = VisionTransformer(ViTConfig(image_size=16, patch_size=4, num_classes=0, embed_dim=24, depth=3, num_heads=2))
+    dec = CausalLM(DecoderConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
+                                 intermediate_size=48, eos_token_id=None))
+    cfg = InjectionConfig(style=style, features=features, cross_attention_heads=2, **kw)
+    in_dim = 24 * cfg.num_layers if features == "last_n" else 24
+    conn = build_connector(ConnectorConfig(kind=connector, num_tokens=4), in_dim, 32)
+    return VLM(vit, conn, dec, cfg, image_token_id=IMG, num_visual_tokens=4).eval()
+
+
+def prompt(model: VLM, images_per_row=(2, 1)):
+    per = model.placeholders_per_image()
+    rows = []
+    for n in images_per_row:
+        row = [5, 6]
+        for _ in range(n):
+            row += [IMG] * per + [7, 8]
+        rows.append(row)
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):  # left padding
+        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+    return ids, mask, torch.randn(sum(images_per_row), 3, 16, 16)
+
+
+def test_spliced_tokens_land_on_the_placeholders_in_order():
+    model = make_vlm("tokens")
+    ids, mask, images = prompt(model)
+    visual = model.encode_images(images)  # (3, 4, 32)
+    embeds = model.decoder.embed_tokens(ids.masked_fill(ids == IMG, 0))
+    for row, image in ((0, 0), (0, 1), (1, 2)):
+        pos = (ids[row] == IMG).nonzero()[:, 0]
+        pos = pos[4 * (image - (2 if row else 0)):][:4]
+        embeds[row, pos] = visual[image]
+    ref = model.decoder(inputs_embeds=embeds, attention_mask=mask)
+    assert torch.allclose(model(ids, mask, images)["logits"], ref, atol=1e-6)
+    with pytest.raises(ValueError, match="placeholders"):
+        model(ids, mask, images[:2])
+
+
+def test_flamingo_equals_the_language_model_at_init_and_masks_media():
+    model = make_vlm("cross_attention", connector="resampler")
+    ids, mask, images = prompt(model)
+    out = model(ids, mask, images)["logits"]
+    embeds, _ = model._embed(ids, model.encode_images(images))
+    assert torch.equal(out, model.decoder(inputs_embeds=embeds, attention_mask=mask))  # tanh(0) gates
+    for block in model.xattn.values():
+        torch.nn.init.constant_(block.attn_gate, 1.0)
+        torch.nn.init.constant_(block.ff_gate, 1.0)
+    base = model(ids, mask, images)["logits"]
+    changed = images.clone()
+    changed[1] = torch.randn(3, 16, 16)  # the second image of row 0
+    after = model(ids, mask, changed)["logits"]
+    second = (ids[0] == IMG).nonzero()[1, 0].item()
+    assert torch.allclose(after[0, :second], base[0, :second], atol=1e-6)  # tokens before image 2 do not see it
+    assert not torch.allclose(after[0, second:], base[0, second:], atol=1e-4)
+    assert torch.allclose(after[1], base[1], atol=1e-6)  # the other sample is untouched
+
+
+def test_ep_alm_injects_class_tokens_of_the_last_layers():
+    model = make_vlm("inject", features="cls_last_n", connector="linear", num_layers=2)
+    assert model.inject_layers == (2, 3) and model.features(torch.randn(1, 3, 16, 16)).shape == (1, 2, 24)
+    ids, mask, images = prompt(model, (1, 1))
+    base = model(ids, mask, images)["logits"]
+    other = model(ids, mask, torch.randn_like(images))["logits"]
+    slot = (ids[0] == IMG).nonzero()[0, 0].item()
+    assert torch.allclose(other[0, :slot], base[0, :slot], atol=1e-6)
+    assert not torch.allclose(other[0, slot:], base[0, slot:], atol=1e-4)
+
+
+@pytest.mark.parametrize("style,features,connector", [("tokens", "last", "qformer"),
+                                                      ("tokens", "last_n", "mlp"),
+                                                      ("cross_attention", "last", "resampler"),
+                                                      ("inject", "cls_last_n", "linear")])
+def test_cached_generation_equals_full_forwards(style, features, connector):
+    model = make_vlm(style, features, connector, num_layers=2 if features != "last" else 1)
+    for block in model.xattn.values():
+        torch.nn.init.constant_(block.attn_gate, 0.5)
+    ids, mask, images = prompt(model, (1, 1))
+    new = model.generate(ids, mask, images, GenerationConfig(max_new_tokens=5))
+    seq, m = ids, mask
+    for t in range(5):  # greedy by full forwards
+        nxt = model(seq, m, images)["logits"][:, -1].argmax(-1)
+        assert torch.equal(nxt, new[:, t])
+        seq, m = torch.cat([seq, nxt[:, None]], 1), torch.cat([m, torch.ones_like(m[:, :1])], 1)
+    beams = model.generate(ids, mask, images, GenerationConfig(max_new_tokens=3, num_beams=2))
+    assert beams.shape[0] == 2
+
+
+def test_loss_only_on_labelled_tokens():
+    model = make_vlm("tokens")
+    ids, mask, images = prompt(model, (1, 1))
+    labels = torch.full_like(ids, -100)
+    labels[:, -2:] = ids[:, -2:]
+    out = model(ids, mask, images, labels)
+    logp = out["logits"][:, -3:-1].log_softmax(-1)
+    ref = -logp.gather(-1, ids[:, -2:, None]).mean()
+    assert torch.allclose(out["loss"], ref, atol=1e-6)
