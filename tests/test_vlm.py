@@ -113,3 +113,57 @@ def test_loss_only_on_labelled_tokens():
     logp = out["logits"][:, -3:-1].log_softmax(-1)
     ref = -logp.gather(-1, ids[:, -2:, None]).mean()
     assert torch.allclose(out["loss"], ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("vision,connector,decoder,prompt", [("frozen", "full", "frozen", 0),
+                                                             ("bias_norm", "full", "lora", 0),
+                                                             ("frozen", "frozen", "frozen", 3),
+                                                             ("lora", "full", "full", 0)])
+def test_gradients_reach_exactly_the_trainable_parameters(vision, connector, decoder, prompt):
+    from vlkit.models.peft import TuningConfig
+
+    torch.manual_seed(0)
+    base = make_vlm("cross_attention", connector="resampler")
+    model = VLM(base.features.encoder, base.connector, base.decoder, base.cfg, IMG, 4, prompt_tokens=prompt)
+    counts = model.apply_tuning(TuningConfig(vision=vision, connector=connector, decoder=decoder))
+    for block in model.xattn.values():  # open the gates so every path carries gradient
+        torch.nn.init.constant_(block.attn_gate, 0.5)
+        torch.nn.init.constant_(block.ff_gate, 0.5)
+    for m in model.modules():  # and LoRA's B (zero at init)
+        if hasattr(m, "lora_b"):
+            torch.nn.init.normal_(m.lora_b, std=0.1)
+    ids, mask, images = prompt_inputs(model)
+    model.train()
+    model(ids, mask, images, labels=ids.masked_fill(ids == IMG, -100))["loss"].backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert got == trainable and counts["total"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if decoder == "lora":
+        assert trainable & {n for n, _ in model.decoder.named_parameters(prefix="decoder")} == \
+            {n for n in trainable if n.startswith("decoder.") and ".lora_" in n}
+    if vision == "bias_norm":
+        vis = {n for n in trainable if n.startswith("features.")}
+        assert vis and all(n.endswith("bias") or "norm" in n for n in vis)
+    if prompt:
+        assert trainable == {"prompt"}
+
+
+def prompt_inputs(model):
+    return prompt(model, (1, 1))
+
+
+def test_lora_merge_keeps_outputs():
+    from vlkit.nn.lora import apply_lora, merge_lora
+
+    model = make_vlm("tokens")
+    names = apply_lora(model.decoder, r"attn\.(qkv|proj)$", rank=4)
+    assert len(names) == 8
+    for m in model.modules():
+        if hasattr(m, "lora_b"):
+            torch.nn.init.normal_(m.lora_b, std=0.1)
+    ids, mask, images = prompt(model, (1, 1))
+    before = model(ids, mask, images)["logits"]
+    assert merge_lora(model) == 8
+    assert torch.allclose(model(ids, mask, images)["logits"], before, atol=1e-5)
+    with pytest.raises(ValueError, match="match no Linear"):
+        apply_lora(model.decoder, "nothing_here")

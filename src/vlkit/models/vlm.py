@@ -100,7 +100,7 @@ class VLM(nn.Module):
     labels (B, T) | None) -> {"logits" (B, T, V), "loss" (when labels; -100 ignored)}."""
 
     def __init__(self, vision: nn.Module, connector: nn.Module, decoder: CausalLM, cfg: InjectionConfig,
-                 image_token_id: int, num_visual_tokens: int):
+                 image_token_id: int, num_visual_tokens: int, prompt_tokens: int = 0):
         super().__init__()
         self.features = VisualFeatures(vision, cfg)
         self.connector, self.decoder, self.cfg = connector, decoder, cfg
@@ -111,6 +111,8 @@ class VLM(nn.Module):
             for i in range(0, L, cfg.cross_attention_every):
                 self.xattn[str(i)] = GatedCrossAttentionBlock(dim, cfg.cross_attention_heads)
             self.media_embed = nn.Parameter(torch.randn(dim) * decoder.cfg.init_std)
+        # prompt tuning (Lester et al. 2021): learned embeddings before every sequence
+        self.prompt = nn.Parameter(torch.randn(prompt_tokens, dim) * decoder.cfg.init_std) if prompt_tokens else None
         self.inject_layers = tuple(cfg.inject_layers) or tuple(range(L - cfg.num_layers, L))
         if cfg.style == "inject" and len(self.inject_layers) != cfg.num_layers:
             raise ValueError(f"inject: {len(self.inject_layers)} layers for {cfg.num_layers} visual tokens")
@@ -184,12 +186,39 @@ class VLM(nn.Module):
             return block(x, media.flatten(1, 2).repeat_interleave(rows, 0), allowed)
         return hook
 
+    def apply_tuning(self, cfg) -> dict[str, int]:
+        """Freeze / unfreeze / LoRA-wrap the components as ``cfg`` (a :class:`~vlkit.models.peft.TuningConfig`)
+        says; the Flamingo blocks, the media embedding and the soft prompt train with the connector
+        (the prompt always: it exists to be trained). Returns trainable counts per component."""
+        from vlkit.models.peft import set_tuning, trainable_summary
+
+        set_tuning(self.features, cfg.vision, cfg)
+        set_tuning(self.connector, cfg.connector, cfg)
+        set_tuning(self.decoder, cfg.decoder, cfg)
+        self.xattn.requires_grad_(cfg.connector != "frozen")
+        if self.cfg.style == "cross_attention":
+            self.media_embed.requires_grad_(cfg.connector != "frozen")
+        return trainable_summary(self)
+
+    def _with_prompt(self, embeds: torch.Tensor, is_img: torch.Tensor, attention_mask: Optional[torch.Tensor]):
+        if self.prompt is None:
+            return embeds, is_img, attention_mask
+        B, n = embeds.shape[0], self.prompt.shape[0]
+        embeds = torch.cat([self.prompt.to(embeds.dtype).expand(B, -1, -1), embeds], 1)
+        is_img = torch.cat([is_img.new_zeros(B, n), is_img], 1)
+        if attention_mask is None:
+            attention_mask = torch.ones(is_img.shape[0], is_img.shape[1] - n, dtype=torch.long, device=embeds.device)
+        attention_mask = torch.cat([attention_mask.new_ones(B, n), attention_mask], 1)
+        return embeds, is_img, attention_mask
+
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 images: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> dict:
         visual = self.encode_images(images) if images is not None else None
         embeds, is_img = self._embed(input_ids, visual)
+        embeds, is_img, attention_mask = self._with_prompt(embeds, is_img, attention_mask)
         logits = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask,
                               layer_hook=self._hook(visual, is_img))
+        logits = logits[:, logits.shape[1] - input_ids.shape[1]:]  # drop the soft prompt's positions
         out = {"logits": logits}
         if labels is not None:
             out["loss"] = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
@@ -202,5 +231,7 @@ class VLM(nn.Module):
         """New tokens (B, <= max_new_tokens) after left-padded prompts with their images."""
         visual = self.encode_images(images) if images is not None else None
         embeds, is_img = self._embed(input_ids, visual)
-        return generate(self.decoder, input_ids, attention_mask, cfg, stop_fn, inputs_embeds=embeds,
+        embeds, is_img, attention_mask = self._with_prompt(embeds, is_img, attention_mask)
+        ids = input_ids.new_zeros(embeds.shape[:2])  # only its shape and device are read
+        return generate(self.decoder, ids, attention_mask, cfg, stop_fn, inputs_embeds=embeds,
                         layer_hook=self._hook(visual, is_img))
