@@ -31,10 +31,11 @@ def recipe_path(name: str) -> Path:
 
 def tasks() -> dict:
     """task name -> (recipe dataclass, train(cfg, run_dir, resume) -> result)."""
-    from vlkit.tasks import classification, contrastive
+    from vlkit.tasks import classification, contrastive, vlm
 
     return {"classification": (classification.ClassificationConfig, classification.train),
-            "contrastive": (contrastive.ContrastiveConfig, contrastive.train)}
+            "contrastive": (contrastive.ContrastiveConfig, contrastive.train),
+            "vlm": (vlm.VLMConfig, vlm.train)}
 
 
 def merge(base: dict, child: dict) -> dict:
@@ -87,6 +88,12 @@ def print_eval(evals: dict) -> None:
     rows = {k: v for k, v in evals.items() if isinstance(v, dict) and "top1" in v}
     if rows:
         print(metrics_table(rows))
+    others = {k: v for k, v in evals.items() if isinstance(v, dict) and v and "top1" not in v and "i2t_R@1" not in v}
+    if others:  # zero-shot only (LiT), captioning and VQA scores
+        keys = list(dict.fromkeys(k for m in others.values() for k in m))
+        print("| split | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+        for split, m in others.items():
+            print(f"| {split} | " + " | ".join(f"{m[k]:.2f}" if k in m else "" for k in keys) + " |")
     retrieval = {k: v for k, v in evals.items() if isinstance(v, dict) and "i2t_R@1" in v}
     if retrieval:
         keys = ["zero_shot_top1", "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "i2t_mean_rank", "t2i_mean_rank"]
@@ -112,8 +119,24 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _is_vlm(path: str) -> bool:
+    from vlkit.checkpoints.hub import read_model_config
+
+    try:
+        return read_model_config(path).get("architecture") == "vlm"
+    except Exception:  # noqa: BLE001 - not a folder we can read: the classifier path reports it
+        return False
+
+
 def cmd_predict(args) -> int:
     from vlkit.tasks.predict import predict_files
+
+    if _is_vlm(args.run):
+        from vlkit.tasks.vlm import answer_files
+
+        for r in answer_files(args.run, args.images, args.prompt):
+            print(f"{r['path']}: " + (f"skipped ({r['error']})" if "error" in r else r["answer"]))
+        return 0
 
     results = predict_files(args.run, args.images, top_k=args.top_k)
     ok = [r for r in results if "error" not in r]
@@ -165,6 +188,18 @@ def cmd_search_query(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from vlkit.tasks.vlm import ChatSession
+
+    session = ChatSession(args.run, args.image)
+    print(f"chatting about {args.image} (empty line or Ctrl-D to stop)")
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        print(f"assistant: {session.ask(line.strip())}", flush=True)
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from vlkit.tasks.quickstart import run_quickstart
 
@@ -191,7 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("images", nargs="+")
     r.add_argument("--top-k", type=int, default=3)
     r.add_argument("--json", default="", help="also write the predictions to this JSON file")
+    r.add_argument("--prompt", default="Describe the image.", help="VLM runs: the question (default: caption)")
     r.set_defaults(fn=cmd_predict)
+    c = sub.add_parser("chat", help="talk about an image with a VLM run: vlkit chat RUN IMAGE (questions on stdin)")
+    c.add_argument("run")
+    c.add_argument("image")
+    c.set_defaults(fn=cmd_chat)
     _search_parser(sub)
     q = sub.add_parser("quickstart", help="train, evaluate and report the main job (about 5 CPU minutes)")
     q.add_argument("--out", default="runs/quickstart")

@@ -98,6 +98,10 @@ def load(path: str | Path) -> nn.Module:
         return load_gguf(path).eval()
     folder = model_folder(path)
     doc = read_model_config(folder)
+    if doc.get("format") == "vlkit" and doc.get("architecture") == "vlm":
+        from vlkit.tasks.vlm import load_vlm
+
+        return load_vlm(folder)[0]
     if doc.get("format") == "vlkit":
         name = doc.get("architecture")
         if name not in ARCHITECTURES:

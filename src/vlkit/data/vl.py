@@ -1,0 +1,158 @@
+"""Image-text conversation datasets for vision-language models.
+
+Every sample is ``{"image": PIL image, "messages": [{"role": "user" | "assistant", "content": str}],
+"references": [str], "id": str}``: the user turn holds ``<image>`` where the image goes; the
+loss is taken on assistant turns only; ``references`` are the answers / captions the evaluation
+compares generations with. Sources:
+
+- the synthetic world: captioning ("Describe the image." -> caption) and VQA (its questions);
+- easy-VQA (ASSETS.md): 64x64 shapes, 13 one-word answers;
+- COCO-format caption JSON (``images`` + ``annotations``) with an image folder;
+- LLaVA-style conversation JSON: ``[{"id", "image", "conversations": [{"from": "human" | "gpt",
+  "value"}]}]``, several turns.
+Unreadable images give ``None`` (counted and skipped by the collate), never a crash.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+from torch.utils.data import Dataset
+
+from vlkit.data.base import sample_seed
+from vlkit.data.images import BadImageError, load_image
+from vlkit.data.world import WorldConfig, WorldDataset
+
+log = logging.getLogger(__name__)
+
+IMAGE = "<image>"
+CAPTION_PROMPT = "Describe the image."
+
+
+def single_turn(image, prompt: str, answer: str, references: list[str], sid: str) -> dict:
+    return {"image": image, "messages": [{"role": "user", "content": f"{IMAGE}\n{prompt}"},
+                                         {"role": "assistant", "content": answer}],
+            "references": references, "id": sid}
+
+
+class WorldCaptions(Dataset):
+    def __init__(self, world: WorldConfig, split: str, length: Optional[int] = None):
+        self.world = WorldDataset(world, split, length=length, task="captioning")
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.world)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.world[i]
+        return single_turn(s["image"], CAPTION_PROMPT, s["caption"], [s["caption"]], f"{self.split}/{i}")
+
+
+class WorldVQA(Dataset):
+    """``qa_per_scene`` questions of each scene (scene i // q, question i % q of its list)."""
+
+    def __init__(self, world: WorldConfig, split: str, length: Optional[int] = None, qa_per_scene: int = 4):
+        self.world = WorldDataset(world, split, length=length, task="vqa")
+        self.split, self.q = split, qa_per_scene
+
+    def __len__(self) -> int:
+        return len(self.world) * self.q
+
+    def __getitem__(self, i: int) -> dict:
+        scene, k = divmod(i, self.q)
+        s = self.world[scene]
+        k %= len(s["questions"])
+        return single_turn(s["image"], s["questions"][k], s["answers"][k], [s["answers"][k]],
+                           f"{self.split}/{scene}/{k}") | {"question_type": s["question_types"][k]}
+
+
+class EasyVQA(Dataset):
+    """easy-VQA's questions (``split`` train or test)."""
+
+    def __init__(self, split: str = "train", length: Optional[int] = None):
+        import easy_vqa
+
+        questions = easy_vqa.get_train_questions() if split == "train" else easy_vqa.get_test_questions()
+        self.paths = easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()
+        self.rows = list(zip(*questions))[:length]  # (question, answer, image id)
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Optional[dict]:
+        question, answer, image_id = self.rows[i]
+        image = _load(self.paths[image_id])
+        return None if image is None else single_turn(image, question, answer, [answer], f"{self.split}/{i}")
+
+
+def _load(path) -> Optional[object]:
+    try:
+        return load_image(path)
+    except BadImageError as e:
+        log.warning("skipped %s: %s", path, e.reason)
+        return None
+
+
+class CocoCaptions(Dataset):
+    """COCO caption JSON (``images`` [{id, file_name}], ``annotations`` [{image_id, caption}]): one
+    sample per image; the trained caption is drawn per (seed, epoch, image), all are references."""
+
+    def __init__(self, annotations: str | Path, image_root: str | Path, seed: int = 0):
+        doc = json.loads(Path(annotations).read_text())
+        caps: dict = {}
+        for a in doc.get("annotations", []):
+            text = str(a.get("caption", "")).strip()
+            if text:  # empty captions are dropped (and counted)
+                caps.setdefault(a["image_id"], []).append(text)
+        self.images = [im for im in doc.get("images", []) if im["id"] in caps]
+        dropped = len(doc.get("images", [])) - len(self.images)
+        if dropped:
+            log.warning("%s: %d images without a non-empty caption skipped", annotations, dropped)
+        self.caps, self.root, self.seed, self.epoch = caps, Path(image_root), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Optional[dict]:
+        info = self.images[i]
+        image = _load(self.root / info["file_name"])
+        if image is None:
+            return None
+        refs = self.caps[info["id"]]
+        pick = refs[sample_seed(self.seed, self.epoch, i) % len(refs)]
+        return single_turn(image, CAPTION_PROMPT, pick, refs, str(info["id"]))
+
+
+class LlavaConversations(Dataset):
+    """LLaVA-style JSON: turns "human" -> user, "gpt" -> assistant; the image path is relative to
+    ``image_root``; the last assistant turn is the reference."""
+
+    ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+    def __init__(self, path: str | Path, image_root: str | Path):
+        self.rows = json.loads(Path(path).read_text())
+        self.root = Path(image_root)
+        for r in self.rows:
+            turns = r.get("conversations", [])
+            if not turns or any(t.get("from") not in self.ROLES for t in turns):
+                raise ValueError(f"{path}: sample {r.get('id')!r} has no turns or an unknown speaker")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Optional[dict]:
+        r = self.rows[i]
+        image = _load(self.root / r["image"])
+        if image is None:
+            return None
+        messages = [{"role": self.ROLES[t["from"]], "content": t["value"]} for t in r["conversations"]]
+        if not any(IMAGE in m["content"] for m in messages):
+            messages[0]["content"] = f"{IMAGE}\n{messages[0]['content']}"
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        return {"image": image, "messages": messages, "references": answers[-1:], "id": str(r.get("id", i))}

