@@ -129,7 +129,9 @@ class ConversationEncoder:
                 ids += self.tok.encode(piece)
         return ids
 
-    def encode(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+    def encode(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """(ids, labels): every turn tokenised piece by piece as rendered, assistant pieces labelled;
+        with ``add_generation_prompt`` the rest of the conversation and the assistant header follow."""
         ids, labels, done = [], [], ""
         for k, m in enumerate(messages):
             if m["role"] != "assistant":
@@ -143,12 +145,16 @@ class ConversationEncoder:
             ids += prompt + answer
             labels += [IGNORE_INDEX] * len(prompt) + answer
             done = full
+        if add_generation_prompt:
+            tail = self.tokens(self.chat.render(messages, add_generation_prompt=True)[len(done):])
+            ids, labels = ids + tail, labels + [IGNORE_INDEX] * len(tail)
         return ids, labels
 
     def prompt(self, messages: list[dict]) -> list[int]:
-        """Ids of everything before the last assistant turn, with the generation prompt."""
-        last = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
-        return self.tokens(self.chat.render(messages[:last], add_generation_prompt=True))
+        """Ids for generating the next answer: the conversation up to its last user turn (a final
+        assistant turn, the reference, is dropped), tokenised as in training, then the assistant header."""
+        last_user = max((k for k, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        return self.encode(messages[:last_user + 1], add_generation_prompt=True)[0]
 
 
 def build_datasets(cfg: VLMConfig) -> tuple[Dataset, dict[str, Dataset]]:

