@@ -80,9 +80,10 @@ def test_quickstart_tiny_writes_the_report(tmp_path, capsys):
     assert f"report: {tmp_path / 'qs' / 'report.md'}" in capsys.readouterr().out
     report = (tmp_path / "qs" / "report.md").read_text()
     for needle in ("| test |", "curves.png", "predictions.png", "attention.png", "Teacher", "| compositional |",
-                   "clip/retrieval.png", "zero_shot_top1"):
+                   "clip/retrieval.png", "zero_shot_top1", "vlm/samples.png", "CIDEr", "vqa_accuracy"):
         assert needle in report
     for name in ("curves.png", "predictions.png", "attention.png"):
         assert (tmp_path / "qs" / "deit" / name).read_bytes()[:4] == b"\x89PNG"
     for name in ("curves.png", "retrieval.png"):
         assert (tmp_path / "qs" / "clip" / name).read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "qs" / "vlm" / "samples.png").read_bytes()[:4] == b"\x89PNG"

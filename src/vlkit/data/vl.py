@@ -51,11 +51,13 @@ class WorldCaptions(Dataset):
 
 
 class WorldVQA(Dataset):
-    """``qa_per_scene`` questions of each scene (scene i // q, question i % q of its list)."""
+    """``qa_per_scene`` questions of each scene (scene i // q, question i % q of its list); with
+    ``shuffle_questions`` the question is picked by a hash of (scene, k) instead of the list order."""
 
-    def __init__(self, world: WorldConfig, split: str, length: Optional[int] = None, qa_per_scene: int = 4):
+    def __init__(self, world: WorldConfig, split: str, length: Optional[int] = None, qa_per_scene: int = 4,
+                 shuffle_questions: bool = False):
         self.world = WorldDataset(world, split, length=length, task="vqa")
-        self.split, self.q = split, qa_per_scene
+        self.split, self.q, self.shuffle = split, qa_per_scene, shuffle_questions
 
     def __len__(self) -> int:
         return len(self.world) * self.q
@@ -63,9 +65,24 @@ class WorldVQA(Dataset):
     def __getitem__(self, i: int) -> dict:
         scene, k = divmod(i, self.q)
         s = self.world[scene]
-        k %= len(s["questions"])
+        k = (sample_seed(17, k, scene) if self.shuffle else k) % len(s["questions"])
         return single_turn(s["image"], s["questions"][k], s["answers"][k], [s["answers"][k]],
                            f"{self.split}/{scene}/{k}") | {"question_type": s["question_types"][k]}
+
+
+class Interleave(Dataset):
+    """Samples of ``a`` and ``b`` alternating (a0, b0, a1, b1, ...), as long as the shorter lasts:
+    one model trained on captioning and VQA at once."""
+
+    def __init__(self, a: Dataset, b: Dataset):
+        self.parts = (a, b)
+        self.n = min(len(a), len(b))
+
+    def __len__(self) -> int:
+        return 2 * self.n
+
+    def __getitem__(self, i: int):
+        return self.parts[i % 2][i // 2]
 
 
 class EasyVQA(Dataset):

@@ -2,8 +2,10 @@
 
 Stage 1 trains a small DeiT on Fashion-MNIST (the synthetic world when it is missing) with a
 fine-tuned EfficientNet-Lite0 teacher. Stage 2 trains a CLIP on the synthetic world's captions
-(zero-shot top-1, Recall@K) and searches its test images by text with ``vlkit search``.
-Overrides prefixed ``clip.`` go to stage 2 (``configs/quickstart_clip.yaml``), others to stage 1.
+(zero-shot top-1, Recall@K) and searches its test images by text with ``vlkit search``. Stage 3
+trains a small VLM from scratch on the world's captions and questions (CIDEr, VQA accuracy,
+sample answers). Overrides prefixed ``clip.`` / ``vlm.`` go to stages 2 / 3
+(``configs/quickstart_clip.yaml``, ``configs/quickstart_vlm.yaml``), others to stage 1.
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from vlkit.tasks import classification, contrastive
+from vlkit.tasks import classification, contrastive, vlm
 from vlkit.data.images import load_image
+from vlkit.data.vl import WorldCaptions, WorldVQA
 from vlkit.data.world import WorldDataset
 from vlkit.search import Embedder, build_index
 from vlkit.tasks.data import build_splits, eval_dataset
@@ -37,6 +40,13 @@ TINY_CLIP_OVERRIDES = [
     "train.warmup_steps=1", "world.train_length=64", "eval_limit=32", "tokenizer_captions=64",
     "text.vocab_size=600", "vision.depth=1", "vision.embed_dim=32", "vision.num_heads=2", "text.depth=1",
     "text.width=32", "text.num_heads=2", "embed_dim=16",
+]
+TINY_VLM_OVERRIDES = [
+    "train.max_steps=3", "train.batch_size=4", "train.checkpoint_every=3", "train.warmup_steps=1",
+    "data.world.train_length=32", "data.eval_limit=4", "data.qa_per_scene=2", "decoder.vocab_size=600",
+    "vision.vit.depth=1", "vision.vit.embed_dim=32", "vision.vit.num_heads=2", "decoder.config.hidden_size=32",
+    "decoder.config.num_layers=1", "decoder.config.num_heads=2", "decoder.config.num_kv_heads=1",
+    "generation.max_new_tokens=4",
 ]
 RETRIEVAL_KEYS = ("zero_shot_top1", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10",
                   "i2t_mean_rank", "t2i_mean_rank")
@@ -118,17 +128,65 @@ def _write_test_images(cfg: contrastive.ContrastiveConfig, folder: Path) -> tupl
     return folder, captions
 
 
+def vlm_stage(cfg: vlm.VLMConfig, run_dir: Path, rel: str, shown: int = 8) -> str:
+    """Train + evaluate a small VLM on captions and questions; tables and sample answers."""
+    result = vlm.train(cfg, run_dir)
+    evals = result["eval"]
+    caption_rows = [[k.removesuffix("_caption")] + [f"{m[x]:.1f}" for x in ("CIDEr", "BLEU-4", "ROUGE-L")]
+                    for k, m in evals.items() if k.endswith("_caption")]
+    vqa_keys = sorted({x for k, m in evals.items() if k.endswith("_vqa") for x in m})
+    vqa_rows = [[k.removesuffix("_vqa")] + [f"{m.get(x, float('nan')):.1f}" for x in vqa_keys]
+                for k, m in evals.items() if k.endswith("_vqa")]
+    figure = _vlm_samples(cfg, run_dir, shown)
+    c, d = cfg.vision.vit, cfg.decoder.config
+    parts = [
+        f"Recipe: `{cfg.name}`: ViT d={c.embed_dim} depth={c.depth} at {c.image_size}px -> {cfg.connector.kind} "
+        f"connector -> a {d.num_layers}-layer Llama-style decoder d={d.hidden_size} (GQA {d.num_heads}/"
+        f"{d.num_kv_heads} heads) on a BPE trained on the texts, visual tokens spliced at `<image>`; trained "
+        f"from scratch on captions and questions alternately. Run folder: `{rel}/`. Decoding: "
+        f"{result['protocol'].get('decoding', 'greedy')}, at most {cfg.generation.max_new_tokens} tokens.",
+        "Captioning (pycocoevalcap):\n\n" + markdown_table(["split", "CIDEr", "BLEU-4", "ROUGE-L"], caption_rows),
+        "VQA (accuracy %, per question type):\n\n" + markdown_table(["split", *vqa_keys], vqa_rows),
+        training_table(result["summary"]),
+        f"Test samples (green: the answer matches):\n\n![samples]({rel}/{figure.name})",
+    ]
+    return section("Vision-language model: captioning and VQA on the synthetic world", *parts)
+
+
+def _vlm_samples(cfg: vlm.VLMConfig, run_dir: Path, shown: int) -> Path:
+    import json
+
+    from vlkit.eval.vl_metrics import normalize_answer
+    from vlkit.viz.grid import save_text_grid
+
+    samples = json.loads((run_dir / "samples.json").read_text())
+    picked = samples.get("test_caption", [])[:shown // 2] + samples.get("test_vqa", [])[:shown - shown // 2]
+    images, texts, correct = [], [], []
+    caps = WorldCaptions(cfg.data.world, "test", cfg.data.world.test_length)
+    qas = WorldVQA(cfg.data.world, "test", cfg.data.world.test_length, cfg.data.qa_per_scene)
+    for s in picked:
+        split, scene, *k = s["id"].split("/")
+        sample = qas[int(scene) * cfg.data.qa_per_scene + int(k[0])] if k else caps[int(scene)]
+        question = sample["messages"][0]["content"].replace("<image>", "").strip()
+        images.append(sample["image"])
+        texts.append(f"{question}\npred: {s['prediction']}\ntrue: {s['references'][0]}")
+        correct.append(normalize_answer(s["prediction"]) == normalize_answer(s["references"][0]))
+    return save_text_grid(images, texts, run_dir / "samples.png", correct)
+
+
 def run_quickstart(out: Path, tiny: bool = False, overrides: list[str] = ()) -> Path:
     """Run every stage into ``out`` and write ``out/report.md``; returns its path."""
     from vlkit.cli import load_recipe
 
     start = time.time()
-    clip_overrides = [o[len("clip."):] for o in overrides if o.startswith("clip.")]
+    staged = {p: [o[len(p):] for o in overrides if o.startswith(p)] for p in ("clip.", "vlm.")}
     cfg, _ = load_recipe("quickstart", [*(TINY_OVERRIDES if tiny else []),
-                                        *(o for o in overrides if not o.startswith("clip."))])
-    clip_cfg, _ = load_recipe("quickstart_clip", [*(TINY_CLIP_OVERRIDES if tiny else []), *clip_overrides])
+                                        *(o for o in overrides if not o.startswith(("clip.", "vlm.")))])
+    clip_cfg, _ = load_recipe("quickstart_clip", [*(TINY_CLIP_OVERRIDES if tiny else []), *staged["clip."]])
+    vlm_cfg, _ = load_recipe("quickstart_vlm", [*(TINY_VLM_OVERRIDES if tiny else []), *staged["vlm."]])
     out.mkdir(parents=True, exist_ok=True)
-    sections = [classification_stage(cfg, out / "deit", "deit"), clip_stage(clip_cfg, out / "clip", "clip")]
+    sections = [classification_stage(cfg, out / "deit", "deit"), clip_stage(clip_cfg, out / "clip", "clip"),
+                vlm_stage(vlm_cfg, out / "vlm", "vlm")]
     header = (f"# vlkit quickstart report\n\n{time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"{'tiny smoke-test sizes, ' if tiny else ''}total {time.time() - start:.0f} s.\n")

@@ -27,7 +27,7 @@ from vlkit.data.base import TransformedDataset, collate
 from vlkit.data.chat import ChatTemplate
 from vlkit.data.tokenizers import TextTokenizer, train_bpe
 from vlkit.data.transforms import TransformConfig, build_transform
-from vlkit.data.vl import IMAGE, CocoCaptions, EasyVQA, LlavaConversations, WorldCaptions, WorldVQA
+from vlkit.data.vl import IMAGE, CocoCaptions, EasyVQA, Interleave, LlavaConversations, WorldCaptions, WorldVQA
 from vlkit.data.world import WorldConfig
 from vlkit.decoders.causal_lm import CausalLM, DecoderConfig
 from vlkit.decoders.generate import GenerationConfig, left_pad
@@ -66,7 +66,7 @@ class DecoderSource:
 
 @dataclass
 class VLMDataConfig:
-    dataset: Literal["world_caption", "world_vqa", "easy_vqa", "coco", "llava"] = "world_caption"
+    dataset: Literal["world_caption", "world_vqa", "world_mix", "easy_vqa", "coco", "llava"] = "world_caption"
     world: WorldConfig = field(default_factory=lambda: WorldConfig(image_size=32))
     train_limit: int = 0  # 0 = all (world: world.train_length scenes)
     eval_limit: int = 200  # samples of each evaluated split
@@ -158,17 +158,11 @@ class ConversationEncoder:
 
 
 def build_datasets(cfg: VLMConfig) -> tuple[Dataset, dict[str, Dataset]]:
-    """Raw (untransformed) training set and evaluation splits by name, validation first."""
+    """Raw (untransformed) training set and evaluation splits by name, validation first. world_mix
+    trains on captions and questions alternately and evaluates ``<split>_caption`` / ``<split>_vqa``."""
     d, limit = cfg.data, cfg.data.train_limit or None
-    if d.dataset in ("world_caption", "world_vqa"):
-        if d.dataset == "world_caption":
-            make = lambda split, n: WorldCaptions(d.world, split, n)  # noqa: E731
-            scenes = d.eval_limit
-        else:
-            make = lambda split, n: WorldVQA(d.world, split, n, d.qa_per_scene)  # noqa: E731
-            scenes = max(1, d.eval_limit // d.qa_per_scene)
-        evals = {s: make(s, min(scenes, getattr(d.world, f"{s}_length"))) for s in ("val", "test", "compositional")}
-        return make("train", limit), evals
+    if d.dataset.startswith("world"):
+        return _world_datasets(cfg, limit)
     if d.dataset == "easy_vqa":
         return EasyVQA("train", limit), {"test": EasyVQA("test", d.eval_limit)}
     if not d.train or not d.image_root:
@@ -176,6 +170,31 @@ def build_datasets(cfg: VLMConfig) -> tuple[Dataset, dict[str, Dataset]]:
     kind = (lambda p: CocoCaptions(p, d.image_root, cfg.train.seed)) if d.dataset == "coco" else \
         (lambda p: LlavaConversations(p, d.image_root))
     return kind(d.train), ({"val": _limited(kind(d.val), d.eval_limit)} if d.val else {})
+
+
+def _world_datasets(cfg: VLMConfig, limit: Optional[int]) -> tuple[Dataset, dict[str, Dataset]]:
+    d = cfg.data
+    caps = lambda split, n: WorldCaptions(d.world, split, n)  # noqa: E731
+    vqa = lambda split, n, q=d.qa_per_scene: WorldVQA(d.world, split, n, q)  # noqa: E731
+    length = {s: getattr(d.world, f"{s}_length") for s in ("val", "test", "compositional")}
+    if d.dataset == "world_caption":
+        return caps("train", limit), {s: caps(s, min(d.eval_limit, n)) for s, n in length.items()}
+    scenes = {s: min(max(1, d.eval_limit // d.qa_per_scene), n) for s, n in length.items()}
+    if d.dataset == "world_vqa":
+        return vqa("train", limit), {s: vqa(s, scenes[s]) for s in length}
+    train = Interleave(caps("train", limit), WorldVQA(d.world, "train", limit, 1, shuffle_questions=True))
+    evals = {}
+    for s, n in length.items():
+        evals[f"{s}_caption"] = caps(s, min(d.eval_limit, n))
+        evals[f"{s}_vqa"] = vqa(s, scenes[s])
+    return train, evals
+
+
+def is_captioning(cfg: VLMConfig, split: str) -> bool:
+    """Whether ``split`` is scored with caption metrics (else VQA accuracy)."""
+    if cfg.data.dataset == "world_mix":
+        return split.endswith("_caption")
+    return cfg.data.dataset in ("world_caption", "coco")
 
 
 def _limited(ds: Dataset, n: int) -> Dataset:
@@ -365,10 +384,10 @@ def train(cfg: VLMConfig, run_dir: str | Path | None = None, resume: bool = Fals
     if is_main():
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     encoder = ConversationEncoder(tok, chat, model.image_token_id, model.placeholders_per_image(), eos)
-    captioning = cfg.data.dataset in ("world_caption", "coco")
     evals = {k: _wrap(v, cfg, False) for k, v in evals_raw.items()}
-    first = next(iter(evals.values()), None)
-    eval_fn = (lambda m: score(generate_answers(m, first, encoder, cfg), captioning)) if first is not None else None
+    first = next(iter(evals), None)
+    eval_fn = (lambda m: score(generate_answers(m, evals[first], encoder, cfg), is_captioning(cfg, first))) \
+        if first is not None else None
     trainer = Trainer(model, objective_fn(encoder, cfg.max_length), _wrap(train_raw, cfg, True), cfg.train, run_dir,
                       eval_fn=eval_fn)
     summary = trainer.fit(resume=resume)
@@ -381,7 +400,7 @@ def train(cfg: VLMConfig, run_dir: str | Path | None = None, resume: bool = Fals
         result["eval"], samples = {}, {}
         for name, ds in evals.items():
             answers = generate_answers(model, ds, encoder, cfg)
-            result["eval"][name] = score(answers, captioning)
+            result["eval"][name] = score(answers, is_captioning(cfg, name))
             samples[name] = answers[:50]
         result["protocol"] = protocol(cfg, encoder, evals_raw[next(iter(evals_raw))][0]) if evals else {}
         (run_dir / "eval.json").write_text(json.dumps({"train": summary, "eval": result["eval"],

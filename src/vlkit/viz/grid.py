@@ -91,3 +91,27 @@ def _as_array(image) -> np.ndarray:
     if isinstance(image, torch.Tensor):
         return to_display(image)
     return np.asarray(image.convert("RGB"))
+
+
+def save_text_grid(images: Sequence, texts: Sequence[str], path: str | Path, correct: Optional[Sequence[bool]] = None,
+                   ncols: int = 4, width: int = 34, title: str = "") -> Path:
+    """Images (PIL or (C, H, W) tensors) each above a wrapped text (question, prediction, reference);
+    green / red text where ``correct`` is given."""
+    n = len(images)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 4.6 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, ax in enumerate(axes.flat[:n]):
+        ax.imshow(_as_array(images[i]), interpolation="nearest")
+        color = "black" if correct is None else ("green" if correct[i] else "red")
+        wrapped = "\n".join(line for part in texts[i].split("\n") for line in textwrap.wrap(part, width) or [""])
+        ax.set_title(wrapped, fontsize=7, color=color, loc="left")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
