@@ -148,3 +148,21 @@ def test_coco_and_llava_json_skip_bad_images_and_empty_captions(tmp_path):
         {"from": "robot", "value": "?"}]}]))
     with pytest.raises(ValueError, match="unknown speaker"):
         LlavaConversations(tmp_path / "bad.json", tmp_path)
+
+
+def test_two_stage_training_continues_from_the_first_stage_with_lora(tmp_path):
+    import vlkit.tasks.vlm as vt
+
+    stage1 = tmp_path / "s1"
+    assert main(["train", "vlm_world_caption", *TINY, *SCRATCH, *WORLD, "--run-dir", str(stage1)]) == 0
+    first, _, _ = vt.load_vlm(stage1)
+    stage2 = tmp_path / "s2"
+    assert main(["train", "vlm_world_caption", *TINY, *SCRATCH, *WORLD, f"init_from={stage1}",
+                 "tuning.vision=frozen", "tuning.connector=frozen", "tuning.decoder=lora", "tuning.lora_rank=2",
+                 "train.max_steps=2", "--run-dir", str(stage2)]) == 0
+    second, cfg, _ = vt.load_vlm(stage2)
+    assert cfg.init_from == str(stage1)
+    w1 = first.decoder.blocks[0].attn.qkv.weight
+    w2 = second.decoder.blocks[0].attn.qkv.base.weight  # LoRA-wrapped, base frozen: unchanged from stage 1
+    assert torch.equal(w1, w2) and torch.equal(first.connector.mlp.fc1.weight, second.connector.mlp.fc1.weight)
+    assert second.decoder.blocks[0].attn.qkv.lora_b.abs().sum() > 0  # stage 2 trained the adapters

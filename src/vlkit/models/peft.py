@@ -43,7 +43,7 @@ def _is_norm(module: nn.Module) -> bool:
 
 def set_tuning(component: nn.Module, mode: Mode, cfg: TuningConfig) -> int:
     """Apply ``mode`` to ``component`` (wrapping LoRA layers in place); returns its trainable count."""
-    if mode == "lora":
+    if mode == "lora" and not any(isinstance(m, LoRALinear) for m in component.modules()):
         apply_lora(component, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     component.requires_grad_(mode == "full")
     for name, module in component.named_modules():

@@ -90,6 +90,7 @@ class VLMConfig:
     tuning: TuningConfig = field(default_factory=lambda: TuningConfig(vision="full", connector="full",
                                                                       decoder="full"))
     prompt_tokens: int = 0  # prompt tuning: learned embeddings before every sequence
+    init_from: str = ""  # two-stage training: start from this VLM run's weights (e.g. a connector-only stage)
     data: VLMDataConfig = field(default_factory=VLMDataConfig)
     transform: TransformConfig = field(default_factory=lambda: TransformConfig(
         image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear", crop_pct=1.0,
@@ -379,7 +380,12 @@ def train(cfg: VLMConfig, run_dir: str | Path | None = None, resume: bool = Fals
     cfg = resolve(cfg, tok)
     torch.manual_seed(cfg.train.seed)
     model = build_vlm(cfg)
-    log.info("trainable parameters: %s", {k: f"{v:,}" for k, v in model.apply_tuning(cfg.tuning).items()
+    if cfg.init_from:
+        n = load_weights(model, cfg.init_from)
+        log.info("stage 2: %d tensors from %s, now tuning %s", n, cfg.init_from, cfg.tuning)
+    from vlkit.models.peft import trainable_summary
+
+    log.info("trainable parameters: %s", {k: f"{v:,}" for k, v in trainable_summary(model).items()
                                           if not k.endswith("_all")})
     if is_main():
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -409,30 +415,62 @@ def train(cfg: VLMConfig, run_dir: str | Path | None = None, resume: bool = Fals
     return result
 
 
-def _pretrained_frozen(cfg: VLMConfig) -> tuple[str, ...]:
-    """Prefixes of parameters loaded from pretrained sources and left frozen: not saved with the run."""
+def _not_saved(model: VLM, cfg: VLMConfig) -> list[str]:
+    """Keys of frozen tensors that came from pretrained sources (rebuilt from them when loading):
+    frozen parameters of a pretrained vision tower / decoder, and their buffers when fully frozen."""
+    parts = {"features.": (cfg.vision.kind != "vit", cfg.tuning.vision),
+             "decoder.": (cfg.decoder.kind != "scratch", cfg.tuning.decoder)}
+    frozen_params = {n for n, p in model.named_parameters() if not p.requires_grad}
     out = []
-    if cfg.vision.kind != "vit" and cfg.tuning.vision == "frozen":
-        out.append("features.")
-    if cfg.decoder.kind != "scratch" and cfg.tuning.decoder == "frozen":
-        out.append("decoder.")
-    return tuple(out)
+    for key in model.state_dict():
+        for prefix, (pretrained, mode) in parts.items():
+            if pretrained and key.startswith(prefix) and (key in frozen_params or mode == "frozen"):
+                out.append(key)
+    return out
 
 
 def save_vlm(model: VLM, cfg: VLMConfig, folder: Path) -> Path:
-    """``config.json`` + ``model.safetensors`` without the frozen pretrained parts (rebuilt from their
-    sources by :func:`load_vlm`)."""
+    """``config.json`` + ``model.safetensors`` without the frozen pretrained tensors (rebuilt from their
+    sources by :func:`load_vlm`): a connector-only run saves megabytes, not the language model."""
     from safetensors.torch import save_file
 
     from vlkit.checkpoints.io import dedup_shared
 
-    skip = _pretrained_frozen(cfg)
-    state, shared = dedup_shared({k: v for k, v in model.state_dict().items() if not k.startswith(skip)})
+    skip = set(_not_saved(model, cfg))
+    state, shared = dedup_shared({k: v for k, v in model.state_dict().items() if k not in skip})
+    shared = {k: v for k, v in shared.items() if k not in skip}
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({"format": "vlkit", "architecture": "vlm", "config": to_dict(cfg),
-                                                    "shared": shared, "not_saved": list(skip)}, indent=2))
+                                                    "shared": shared, "not_saved": sorted(skip)}, indent=2))
     return folder
+
+
+def load_weights(model: VLM, path: str | Path) -> int:
+    """Load a saved VLM's tensors into ``model`` (built from the same recipe, whatever its tuning):
+    every saved key must exist with its shape, and only the frozen pretrained parts may be absent.
+    LoRA-wrapped layers of ``model`` read the plain weights of a run saved without LoRA."""
+    from vlkit.checkpoints.hub import model_folder
+    from vlkit.checkpoints.io import read_safetensors
+
+    folder = model_folder(path)
+    doc = json.loads((folder / "config.json").read_text())
+    state = read_safetensors(folder / "model.safetensors")
+    for alias, source in doc.get("shared", {}).items():
+        state[alias] = state[source]
+    not_saved = set(doc.get("not_saved", []))
+    exact = {k for k in model.state_dict() if k not in not_saved}
+    if set(state) == exact:
+        model.load_state_dict(state, strict=False)
+        return len(state)
+    # a run saved without LoRA, loaded into LoRA-wrapped layers (two-stage training)
+    ours = {k.replace(".base.", "."): k for k in model.state_dict() if ".lora_" not in k}
+    expected = {k for k in ours if k not in not_saved}
+    if set(state) != expected:
+        diff = sorted(set(state) ^ expected)
+        raise ValueError(f"{folder}: checkpoint keys differ from the model's, first: {diff[0]!r}")
+    model.load_state_dict({ours[k]: v for k, v in state.items()}, strict=False)
+    return len(state)
 
 
 def load_vlm(path: str | Path) -> tuple[VLM, VLMConfig, ConversationEncoder]:
@@ -447,14 +485,7 @@ def load_vlm(path: str | Path) -> tuple[VLM, VLMConfig, ConversationEncoder]:
         raise ValueError(f"{folder} is not a vlkit VLM (architecture {doc.get('architecture')!r})")
     cfg = from_dict(VLMConfig, doc["config"])
     model = build_vlm(cfg)
-    state = read_safetensors(folder / "model.safetensors")
-    for alias, source in doc.get("shared", {}).items():
-        state[alias] = state[source]
-    expected = {k for k in model.state_dict() if not k.startswith(tuple(doc.get("not_saved", [])))}
-    if set(state) != expected:
-        diff = sorted(set(state) ^ expected)
-        raise ValueError(f"{folder}: checkpoint keys differ from the model's, first: {diff[0]!r}")
-    model.load_state_dict(state, strict=False)
+    load_weights(model, folder)
     tok, chat, eos = build_text(cfg, folder, None)
     return model.eval(), cfg, ConversationEncoder(tok, chat, model.image_token_id, model.placeholders_per_image(), eos)
 
