@@ -24,7 +24,7 @@ WORLD = ["data.world.train_length=32", "data.world.val_length=4", "data.world.te
          "vision.vit.num_heads=2"]
 
 
-def test_world_caption_trains_reports_and_reloads(tmp_path, capsys):
+def test_world_caption_trains_reports_and_reloads(tmp_path, capsys, monkeypatch):
     run = tmp_path / "cap"
     assert main(["train", "vlm_world_caption", *TINY, *SCRATCH, *WORLD, "--run-dir", str(run)]) == 0
     doc = json.loads((run / "eval.json").read_text())
@@ -44,6 +44,18 @@ def test_world_caption_trains_reports_and_reloads(tmp_path, capsys):
     assert main(["predict", str(run), str(image), str(bad), "--prompt", "what colour is it?"]) == 0
     out = capsys.readouterr().out
     assert f"{image}: " in out and f"{bad}: skipped" in out
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("what colour is it?\nand its shape?\n\n"))
+    assert main(["chat", str(run), str(image)]) == 0
+    assert capsys.readouterr().out.count("assistant:") == 2
+    from vlkit.tasks.vlm import ChatSession
+
+    session = ChatSession(run, image)
+    session.ask("first?")
+    session.ask("second?")
+    assert [m["role"] for m in session.messages] == ["user", "assistant"] * 2
+    assert session.messages[0]["content"].startswith("<image>") and "<image>" not in session.messages[2]["content"]
 
 
 def test_world_vqa_scores_per_question_type(tmp_path):
