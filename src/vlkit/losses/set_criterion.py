@@ -1,0 +1,90 @@
+"""DETR's set prediction loss (Carion et al. 2020, §3.1, eqs. 1-2): a bipartite (Hungarian) match
+between the N predictions and the targets minimising class probability + L1 + GIoU costs, then
+cross-entropy over all N predictions (unmatched ones must say "no object", down-weighted by
+``eos_coef``), L1 and 1 - GIoU on the matched boxes, each averaged over the number of targets; the
+same on every auxiliary decoder layer's output.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from vlkit.eval.boxes import cxcywh_to_xyxy, generalized_box_iou
+
+
+class HungarianMatcher(nn.Module):
+    """forward(outputs {"logits" (B, N, C+1), "boxes" (B, N, 4) cxcywh in [0, 1]}, targets [{"labels" (M_b,),
+    "boxes" (M_b, 4) cxcywh}]) -> per image (prediction indices, target indices), both (min(N, M_b),) long."""
+
+    def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0):
+        super().__init__()
+        if cost_class == cost_bbox == cost_giou == 0:
+            raise ValueError("all matching costs are 0")
+        self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        probs = outputs["logits"].softmax(-1)  # (B, N, C+1)
+        result = []
+        for b, t in enumerate(targets):
+            if len(t["labels"]) == 0:
+                empty = torch.zeros(0, dtype=torch.long)
+                result.append((empty, empty))
+                continue
+            cost = (-self.cost_class * probs[b][:, t["labels"]]  # (N, M): -p(class of the target)
+                    + self.cost_bbox * torch.cdist(outputs["boxes"][b], t["boxes"].to(probs), p=1)
+                    - self.cost_giou * generalized_box_iou(cxcywh_to_xyxy(outputs["boxes"][b]),
+                                                           cxcywh_to_xyxy(t["boxes"].to(probs))))
+            rows, cols = linear_sum_assignment(cost.float().cpu().numpy())
+            result.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+        return result
+
+
+class SetCriterion(nn.Module):
+    """forward(outputs, targets) -> {"loss", "loss_ce", "loss_bbox", "loss_giou", (per aux layer "..._i"),
+    "class_error"}; ``outputs`` may hold "aux_outputs" (a list of {"logits", "boxes"})."""
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, eos_coef: float = 0.1,
+                 weight_ce: float = 1.0, weight_bbox: float = 5.0, weight_giou: float = 2.0):
+        super().__init__()
+        self.num_classes, self.matcher = num_classes, matcher
+        self.weights = {"loss_ce": weight_ce, "loss_bbox": weight_bbox, "loss_giou": weight_giou}
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef  # the "no object" class, index num_classes
+        self.register_buffer("empty_weight", empty_weight, persistent=False)
+
+    def single(self, outputs: dict, targets: list[dict], num_boxes: float) -> dict:
+        """The three losses of one decoder layer's outputs."""
+        indices = self.matcher(outputs, targets)
+        logits = outputs["logits"]
+        B, N, _ = logits.shape
+        batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)]).to(logits.device)
+        src_idx = torch.cat([src for src, _ in indices]).to(logits.device)
+        classes = torch.full((B, N), self.num_classes, dtype=torch.long, device=logits.device)
+        matched_labels = torch.cat([t["labels"][tgt] for t, (_, tgt) in zip(targets, indices)]).to(logits.device)
+        classes[batch_idx, src_idx] = matched_labels
+        loss_ce = F.cross_entropy(logits.transpose(1, 2), classes, self.empty_weight)
+        src_boxes = outputs["boxes"][batch_idx, src_idx]
+        tgt_boxes = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, indices)]).to(src_boxes)
+        loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
+        giou = generalized_box_iou(cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(tgt_boxes)).diag() \
+            if len(src_boxes) else src_boxes.new_zeros(0)
+        loss_giou = (1 - giou).sum() / num_boxes
+        out = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+        if len(src_idx):
+            correct = logits[batch_idx, src_idx].argmax(-1) == matched_labels
+            out["class_error"] = 100 * (1 - correct.float().mean())
+        return out
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict:
+        num_boxes = max(1.0, float(sum(len(t["labels"]) for t in targets)))
+        losses = self.single(outputs, targets, num_boxes)
+        total = sum(self.weights[k] * losses[k] for k in self.weights)
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            layer = self.single(aux, targets, num_boxes)
+            total = total + sum(self.weights[k] * layer[k] for k in self.weights)
+            losses.update({f"{k}_{i}": v for k, v in layer.items() if k in self.weights})
+        losses["loss"] = total
+        return losses
