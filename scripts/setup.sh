@@ -18,6 +18,16 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     fi
 fi
 
+if ! command -v java >/dev/null 2>&1; then  # pycocoevalcap's PTB tokenizer (captioning metrics) runs Java
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        echo "[setup] installing a Java runtime (default-jre-headless) for pycocoevalcap"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless) \
+            || echo "[setup] WARNING: no Java: captioning metrics will fail with a clear error"
+    else
+        echo "[setup] WARNING: no Java and cannot apt-get: captioning metrics will fail with a clear error"
+    fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi

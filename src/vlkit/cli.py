@@ -31,10 +31,11 @@ def recipe_path(name: str) -> Path:
 
 def tasks() -> dict:
     """task name -> (recipe dataclass, train(cfg, run_dir, resume) -> result)."""
-    from vlkit.tasks import classification, contrastive, vlm
+    from vlkit.tasks import classification, contrastive, detection, vlm
 
     return {"classification": (classification.ClassificationConfig, classification.train),
             "contrastive": (contrastive.ContrastiveConfig, contrastive.train),
+            "detection": (detection.DetectionConfig, detection.train),
             "vlm": (vlm.VLMConfig, vlm.train)}
 
 

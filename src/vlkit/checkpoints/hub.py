@@ -55,6 +55,9 @@ def _register_builtin() -> None:
     from vlkit.decoders.loading import build_causal_lm, load_hf_gpt2, load_hf_llama
 
     register_architecture("causal_lm", DecoderConfig, build_causal_lm)
+    from vlkit.tasks.detection import DetectionConfig, build_detr
+
+    register_architecture("detr", DetectionConfig, build_detr)
     FOREIGN["llama"] = load_hf_llama
     FOREIGN["gpt2"] = load_hf_gpt2
 

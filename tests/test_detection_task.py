@@ -1,0 +1,40 @@
+"""`vlkit train detr_world` on tiny sizes: COCO AP through pycocotools, model saved and loaded."""
+import json
+
+import pytest
+import torch
+
+import vlkit
+from vlkit.cli import load_recipe, main
+from vlkit.config import ConfigError
+from vlkit.eval.detection import coco_map
+
+TINY = ["train.max_steps=4", "train.epochs=0", "train.batch_size=8", "train.warmup_steps=1", "train.eval_every=2",
+        "train.checkpoint_every=2", "train.progress=false", "world.train_length=32", "world.val_length=8",
+        "world.test_length=8", "world.compositional_length=8", "eval_limit=8", "vit.depth=1", "vit.embed_dim=32",
+        "vit.num_heads=2", "detr.d_model=32", "detr.num_heads=4", "detr.enc_layers=1", "detr.dec_layers=2",
+        "detr.ffn_dim=64"]
+
+
+def test_detr_world_trains_and_reports_ap(tmp_path):
+    run = tmp_path / "detr"
+    assert main(["train", "detr_world", *TINY, "--run-dir", str(run)]) == 0
+    doc = json.loads((run / "eval.json").read_text())
+    for split in ("val", "test", "compositional"):
+        assert {"AP", "AP50", "AP75"} <= set(doc["eval"][split]) and 0 <= doc["eval"][split]["AP50"] <= 100
+    model = vlkit.load(run)
+    assert model(torch.randn(1, 3, 64, 64))["boxes"].shape == (1, 10, 4)
+    with pytest.raises(ConfigError, match="num_queries"):
+        load_recipe("detr_world", ["detr.num_queries=2"])
+
+
+def test_coco_map_perfect_and_wrong_predictions():
+    t = [{"labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.25, 0.25, 0.2, 0.2], [0.7, 0.7, 0.3, 0.2]])}]
+    xyxy = torch.tensor([[9.6, 9.6, 22.4, 22.4], [35.2, 38.4, 54.4, 51.2]])
+    perfect = [{"scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 1]), "boxes": xyxy}]
+    m = coco_map(perfect, t, [(64, 64)], num_classes=2)
+    assert m["AP"] == pytest.approx(100.0) and m["AP50"] == pytest.approx(100.0)
+    wrong = [{"scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 0]), "boxes": xyxy}]
+    assert coco_map(wrong, t, [(64, 64)], num_classes=2)["AP"] == pytest.approx(0.0)
+    none = [{"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]
+    assert coco_map(none, t, [(64, 64)], num_classes=2)["AP"] == 0.0
