@@ -31,11 +31,12 @@ def recipe_path(name: str) -> Path:
 
 def tasks() -> dict:
     """task name -> (recipe dataclass, train(cfg, run_dir, resume) -> result)."""
-    from vlkit.tasks import classification, contrastive, detection, vlm
+    from vlkit.tasks import classification, contrastive, detection, segmentation, vlm
 
     return {"classification": (classification.ClassificationConfig, classification.train),
             "contrastive": (contrastive.ContrastiveConfig, contrastive.train),
             "detection": (detection.DetectionConfig, detection.train),
+            "segmentation": (segmentation.SegmentationConfig, segmentation.train),
             "vlm": (vlm.VLMConfig, vlm.train)}
 
 

@@ -58,6 +58,9 @@ def _register_builtin() -> None:
     from vlkit.tasks.detection import DetectionConfig, build_detr
 
     register_architecture("detr", DetectionConfig, build_detr)
+    from vlkit.tasks.segmentation import SegmentationConfig, build_segmenter
+
+    register_architecture("segmenter", SegmentationConfig, build_segmenter)
     FOREIGN["llama"] = load_hf_llama
     FOREIGN["gpt2"] = load_hf_gpt2
 
