@@ -31,12 +31,13 @@ def recipe_path(name: str) -> Path:
 
 def tasks() -> dict:
     """task name -> (recipe dataclass, train(cfg, run_dir, resume) -> result)."""
-    from vlkit.tasks import classification, contrastive, detection, segmentation, vlm
+    from vlkit.tasks import classification, continual, contrastive, detection, segmentation, vlm
 
     return {"classification": (classification.ClassificationConfig, classification.train),
             "contrastive": (contrastive.ContrastiveConfig, contrastive.train),
             "detection": (detection.DetectionConfig, detection.train),
             "segmentation": (segmentation.SegmentationConfig, segmentation.train),
+            "continual": (continual.ContinualConfig, continual.train),
             "vlm": (vlm.VLMConfig, vlm.train)}
 
 

@@ -1,0 +1,72 @@
+"""DyTox: Transformers for Continual Learning with DYnamic TOken eXpansion (Douillard et al. 2022).
+
+A shared ViT encoder (self-attention blocks) and a shared Task-Attention Block (TAB: a CaiT
+class-attention block whose query is a task token, §3.1 eq. 2); one learned task token per task
+seen so far, each giving a task-specialised embedding, and one classifier per task on it
+(§3.2, "Task-specific classifiers"); the prediction concatenates all classifiers' logits. A new
+task adds a token and a classifier (:meth:`DyTox.add_task`, the dynamic expansion, §3.2); the
+previous tokens and classifiers are frozen, the shared parts keep training with distillation from
+the previous model (:func:`distillation_loss`, §3.3) and a rehearsal memory.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlkit.encoders.vit import Block
+from vlkit.nn.attention import ClassAttention
+from vlkit.nn.layers import Linear
+
+
+class DyTox(nn.Module):
+    """forward(images) -> {"logits" (B, classes seen), "embeddings" (B, tasks, D)}.
+
+    ``encoder.forward_features(images)`` must give tokens (B, N, D); the TAB reads all of them."""
+
+    def __init__(self, encoder: nn.Module, dim: int, num_heads: int):
+        super().__init__()
+        self.encoder, self.dim = encoder, dim
+        self.tab = Block(dim, num_heads, qkv_bias=True, attn_layer=ClassAttention)
+        self.task_tokens = nn.ParameterList()
+        self.heads = nn.ModuleList()
+        self.classes_per_task: list[int] = []
+
+    @property
+    def num_classes(self) -> int:
+        return sum(self.classes_per_task)
+
+    def add_task(self, num_classes: int) -> None:
+        """Dynamic expansion: freeze the previous task tokens and classifiers, add a new pair."""
+        for p in [*self.task_tokens, *self.heads.parameters()]:
+            p.requires_grad_(False)
+        token = torch.empty(1, 1, self.dim)
+        nn.init.trunc_normal_(token, std=0.02)
+        device = next(self.parameters()).device
+        self.task_tokens.append(nn.Parameter(token.to(device)))
+        head = nn.Sequential(nn.LayerNorm(self.dim), Linear(self.dim, num_classes)).to(device)
+        nn.init.trunc_normal_(head[1].weight, std=0.02)
+        nn.init.zeros_(head[1].bias)
+        self.heads.append(head)
+        self.classes_per_task.append(num_classes)
+
+    def forward(self, images: torch.Tensor) -> dict:
+        if not self.task_tokens:
+            raise RuntimeError("DyTox has no task yet: call add_task(num_classes) first")
+        patches = self.encoder.forward_features(images)  # (B, N, D)
+        B = patches.shape[0]
+        embeddings = []
+        for token in self.task_tokens:
+            t = token.expand(B, -1, -1)
+            embeddings.append(self.tab(t, context=torch.cat([t, patches], dim=1))[:, 0])  # (B, D)
+        logits = torch.cat([head(e) for head, e in zip(self.heads, embeddings)], dim=-1)
+        return {"logits": logits, "embeddings": torch.stack(embeddings, 1)}
+
+
+def distillation_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """KL(old || new) on the old classes' logits, softened by ``temperature`` and scaled by T^2
+    (Hinton et al. 2015), as DyTox distils the previous model's predictions."""
+    n = old_logits.shape[-1]
+    log_new = F.log_softmax(new_logits[:, :n] / temperature, dim=-1)
+    log_old = F.log_softmax(old_logits / temperature, dim=-1)
+    return F.kl_div(log_new, log_old, log_target=True, reduction="batchmean") * temperature ** 2

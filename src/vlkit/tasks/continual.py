@@ -1,0 +1,247 @@
+"""Class-incremental learning: ``vlkit train dytox_fmnist`` (and ``finetune_fmnist``, ``joint_fmnist``).
+
+The classes are split, in their natural order, into ``num_tasks`` tasks learnt one after the other; after each task the model
+classifies test images of every class seen so far (no task id given). Methods:
+
+- ``dytox``: DyTox (:mod:`vlkit.models.dytox`): a task token + classifier per task, knowledge
+  distillation from the previous model, a rehearsal memory of ``memory_size`` training images;
+- ``finetune``: the same model trained on each new task's data only (no memory, no distillation):
+  the lower bound, catastrophic forgetting;
+- ``joint``: all classes at once for the whole budget: the upper bound.
+
+Reported: the accuracy matrix A[t][j] (after task t, on task j's classes), the average incremental
+accuracy (mean over t of the accuracy on all classes seen after t), the final accuracy and the
+average forgetting (mean over old tasks j of max_t A[t][j] - A[last][j]); a plot per task step.
+A killed run resumes where it stopped: completed tasks are read back from ``task<k>/state``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from vlkit.config import ConfigError, to_dict
+from vlkit.data.base import collate
+from vlkit.encoders.vit import ViTConfig, VisionTransformer
+from vlkit.models.dytox import DyTox, distillation_loss
+from vlkit.tasks.data import DataConfig, Subset, build_splits, eval_dataset, train_dataset
+from vlkit.train import TrainConfig, Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ContinualConfig:
+    """A class-incremental recipe (``task: continual``)."""
+
+    task: str = "continual"
+    name: str = "dytox_fmnist"
+    output_dir: str = "runs"
+    method: Literal["dytox", "finetune", "joint"] = "dytox"
+    data: DataConfig = field(default_factory=DataConfig)
+    vit: ViTConfig = field(default_factory=lambda: ViTConfig(image_size=28, patch_size=4, num_classes=0,
+                                                             embed_dim=128, depth=5, num_heads=4, class_token=False,
+                                                             global_pool="avg"))
+    tab_heads: int = 4
+    num_tasks: int = 5
+    memory_size: int = 200  # rehearsal images kept over all seen classes (dytox)
+    distill_weight: float = 1.0
+    distill_temperature: float = 2.0
+    eval_batch_size: int = 256
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=128, epochs=0, max_steps=300,
+                                                                   warmup_steps=50, weight_decay=0.05))
+    # train.max_steps: optimizer steps PER TASK (joint: num_tasks x this, in one task)
+
+    def __post_init__(self):
+        if self.num_tasks < 1:
+            raise ConfigError("num_tasks", f"must be >= 1, got {self.num_tasks}")
+        if self.vit.num_classes:
+            raise ConfigError("vit.num_classes", "must be 0: the task classifiers are DyTox's")
+
+
+def labels_of(ds: Dataset) -> torch.Tensor:
+    """Labels of a (Subset of a) dataset, read without decoding images where the source allows."""
+    if isinstance(ds, Subset):
+        return labels_of(ds.base)[torch.tensor(ds.indices, dtype=torch.long)]
+    if hasattr(ds, "targets"):
+        return torch.as_tensor(ds.targets, dtype=torch.long)
+    return torch.tensor([int(ds[i]["label"]) for i in range(len(ds))])
+
+
+class Restricted(Dataset):
+    """``base`` restricted to ``indices`` (a task's data plus the memory); ``set_epoch`` passes through."""
+
+    def __init__(self, base: Dataset, indices: list[int]):
+        self.base, self.indices = base, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __getitem__(self, i: int):
+        return self.base[self.indices[i]]
+
+
+def task_classes(num_classes: int, num_tasks: int) -> list[list[int]]:
+    if num_classes % num_tasks:
+        raise ConfigError("num_tasks", f"{num_classes} classes do not split into {num_tasks} equal tasks")
+    k = num_classes // num_tasks
+    return [list(range(t * k, (t + 1) * k)) for t in range(num_tasks)]
+
+
+def objective_fn(old: DyTox | None, cfg: ContinualConfig):
+    def objective(model: nn.Module, batch: dict) -> dict:
+        logits = model(batch["image"])["logits"]
+        out = {"ce": F.cross_entropy(logits, batch["label"])}
+        loss = out["ce"]
+        if old is not None and cfg.method == "dytox" and cfg.distill_weight:
+            with torch.no_grad():
+                old_logits = old(batch["image"])["logits"]
+            out["kd"] = distillation_loss(logits, old_logits, cfg.distill_temperature)
+            loss = loss + cfg.distill_weight * out["kd"]
+        return {"loss": loss, **{k: v.detach() for k, v in out.items()}}
+    return objective
+
+
+@torch.no_grad()
+def accuracy_per_task(model: DyTox, test: Dataset, tasks: list[list[int]], bs: int) -> list[float]:
+    """Accuracy (%) on each given task's classes, predicting among every class the model knows."""
+    model.eval()
+    device = next(model.parameters()).device
+    correct, total = torch.zeros(len(tasks)), torch.zeros(len(tasks))
+    task_of = {c: t for t, cls in enumerate(tasks) for c in cls}
+    for batch in DataLoader(test, batch_size=bs, collate_fn=collate):
+        if "image" not in batch:
+            continue
+        pred = model(batch["image"].to(device))["logits"].argmax(-1).cpu()
+        for p, y in zip(pred.tolist(), batch["label"].tolist()):
+            correct[task_of[y]] += p == y
+            total[task_of[y]] += 1
+    return (100 * correct / total.clamp(min=1)).tolist()
+
+
+def summarise(matrix: list[list[float]], sizes: list[int]) -> dict:
+    """Average incremental accuracy, final accuracy and forgetting from A[t][j] (j <= t)."""
+    seen_acc = [sum(a * n for a, n in zip(row, sizes)) / sum(sizes[:len(row)]) for row in matrix]
+    last = matrix[-1]
+    forgetting = [max(matrix[t][j] for t in range(j, len(matrix) - 1)) - last[j] for j in range(len(matrix) - 1)]
+    return {"avg_incremental_acc": sum(seen_acc) / len(seen_acc), "final_acc": seen_acc[-1],
+            "forgetting": sum(forgetting) / len(forgetting) if forgetting else 0.0, "acc_after_task": seen_acc,
+            "matrix": matrix}
+
+
+def _update_memory(memory: list[int], labels: torch.Tensor, seen: list[int], size: int, seed: int) -> list[int]:
+    """Random exemplars (seeded), ``size // len(seen)`` per seen class."""
+    per_class = size // max(1, len(seen))
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for c in seen:
+        pool = (labels == c).nonzero()[:, 0]
+        out += pool[torch.randperm(len(pool), generator=g)[:per_class]].tolist()
+    return out
+
+
+def _save_state(folder: Path, model: DyTox, memory: list[int], matrix: list) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "state.json").write_text(json.dumps({"memory": memory, "matrix": matrix}))
+
+
+def train(cfg: ContinualConfig, run_dir: str | Path | None = None, resume: bool = False) -> dict:
+    run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    splits = build_splits(cfg.data)
+    if splits.test is None:
+        raise ConfigError("data.test", "class-incremental evaluation needs a test split")
+    tasks = task_classes(len(splits.classes), cfg.num_tasks)
+    if cfg.method == "joint":
+        tasks = [sum(tasks, [])]
+    labels = labels_of(splits.train)
+    test_labels = labels_of(splits.test)
+    torch.manual_seed(cfg.train.seed)
+    model = DyTox(VisionTransformer(cfg.vit), cfg.vit.embed_dim, cfg.tab_heads)
+    memory, matrix, old = [], [], None
+    for t, classes in enumerate(tasks):
+        torch.manual_seed(cfg.train.seed + 7919 * (t + 1))  # the new token / classifier init, also on resume
+        model.add_task(len(classes))
+        state = run_dir / f"task{t}" / "state"
+        if resume and (state / "state.json").is_file():  # this task finished before the kill
+            model.load_state_dict(load_file(str(state / "model.safetensors")))
+            doc = json.loads((state / "state.json").read_text())
+            memory, matrix = doc["memory"], doc["matrix"]
+            old = _frozen_copy(model)
+            continue
+        model = _learn_task(model, old, cfg, splits, labels, classes, memory, run_dir / f"task{t}", resume)
+        seen = sum(tasks[:t + 1], [])
+        test = eval_dataset(Subset(splits.test, (torch.isin(test_labels, torch.tensor(seen))).nonzero()[:, 0]),
+                            cfg.data)
+        matrix.append(accuracy_per_task(model, test, tasks[:t + 1], cfg.eval_batch_size))
+        log.info("after task %d: accuracy per task %s", t, [f"{a:.1f}" for a in matrix[-1]])
+        if cfg.method == "dytox" and cfg.memory_size:
+            memory = _update_memory(memory, labels, seen, cfg.memory_size, cfg.train.seed + t)
+        _save_state(state, model, memory, matrix)
+        old = _frozen_copy(model)
+    result = summarise(matrix, [len(c) for c in tasks])
+    (run_dir / "eval.json").write_text(json.dumps({"eval": {"test": {k: v for k, v in result.items()
+                                                                     if not isinstance(v, list)}},
+                                                   "matrix": matrix, "acc_after_task": result["acc_after_task"]},
+                                                  indent=2))
+    _plot(result, run_dir / "tasks.png", cfg)
+    return {"run_dir": str(run_dir), "summary": {"tasks": len(tasks)},
+            "eval": {"test": {k: v for k, v in result.items() if not isinstance(v, list)}}}
+
+
+def _frozen_copy(model: DyTox) -> DyTox:
+    old = copy.deepcopy(model).eval()
+    old.requires_grad_(False)
+    return old
+
+
+def _learn_task(model, old, cfg, splits, labels, classes, memory, task_dir, resume):
+    new = torch.isin(labels, torch.tensor(classes)).nonzero()[:, 0].tolist()
+    indices = new + (memory if cfg.method == "dytox" else [])
+    data = Restricted(train_dataset(splits, cfg.data), indices)
+    if not cfg.train.max_steps:
+        raise ConfigError("train.max_steps", "set the optimizer steps per task (epochs are not used here)")
+    steps = cfg.train.max_steps * (cfg.num_tasks if cfg.method == "joint" else 1)
+    trainer = Trainer(model, objective_fn(old, cfg), data, replace(cfg.train, max_steps=steps, epochs=0), task_dir)
+    trainer.fit(resume=resume)
+    return trainer.final_model()
+
+
+def _plot(result: dict, path: Path, cfg: ContinualConfig) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = result["matrix"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = range(1, len(m) + 1)
+    ax.plot(steps, result["acc_after_task"], "ko-", lw=2, label="all seen classes")
+    for j in range(len(m)):
+        ax.plot(range(j + 1, len(m) + 1), [m[t][j] for t in range(j, len(m))], "o--", alpha=0.6, label=f"task {j + 1}")
+    ax.set_xlabel("after task")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title(f"{cfg.name} ({cfg.method}): avg incremental {result['avg_incremental_acc']:.1f}%, "
+                 f"forgetting {result['forgetting']:.1f}", fontsize=9)
+    ax.set_xticks(list(steps))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

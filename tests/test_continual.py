@@ -1,0 +1,60 @@
+"""DyTox and the class-incremental protocol on tiny sizes: expansion freezes old tokens and heads,
+metrics from the accuracy matrix, a killed protocol resumes, the three methods run."""
+import json
+
+import pytest
+import torch
+
+from vlkit.cli import main
+from vlkit.encoders.vit import ViTConfig, VisionTransformer
+from vlkit.models.dytox import DyTox, distillation_loss
+from vlkit.tasks.continual import summarise
+
+TINY = ["data.dataset=world", "data.world.image_size=28", "data.world.train_length=80", "data.world.val_length=16",
+        "data.world.test_length=32", "data.world.compositional_length=8", "num_tasks=4", "train.max_steps=3",
+        "train.batch_size=8", "train.warmup_steps=1", "train.checkpoint_every=3", "train.progress=false",
+        "vit.depth=1", "vit.embed_dim=32", "vit.num_heads=2", "tab_heads=2", "memory_size=8", "eval_batch_size=16"]
+
+
+def test_expansion_adds_tokens_and_heads_and_freezes_the_old_ones():
+    torch.manual_seed(0)
+    enc = VisionTransformer(ViTConfig(image_size=16, patch_size=4, num_classes=0, embed_dim=32, depth=1, num_heads=2,
+                                      class_token=False, global_pool="avg"))
+    model = DyTox(enc, 32, 2)
+    model.add_task(2)
+    assert model(torch.randn(3, 3, 16, 16))["logits"].shape == (3, 2)
+    model.add_task(3)
+    out = model(torch.randn(3, 3, 16, 16))
+    assert out["logits"].shape == (3, 5) and out["embeddings"].shape == (3, 2, 32)
+    assert not model.task_tokens[0].requires_grad and model.task_tokens[1].requires_grad
+    assert not any(p.requires_grad for p in model.heads[0].parameters())
+    old = torch.randn(4, 2)
+    assert distillation_loss(torch.cat([old, torch.randn(4, 3)], 1), old).abs() < 1e-5
+
+
+def test_summary_metrics():
+    m = summarise([[90.0], [60.0, 80.0], [50.0, 70.0, 90.0]], [2, 2, 2])
+    assert m["acc_after_task"] == pytest.approx([90.0, 70.0, 70.0])
+    assert m["avg_incremental_acc"] == pytest.approx(230 / 3) and m["final_acc"] == pytest.approx(70.0)
+    assert m["forgetting"] == pytest.approx(((90 - 50) + (80 - 70)) / 2)
+
+
+@pytest.mark.parametrize("method", ["dytox", "finetune", "joint"])
+def test_methods_run_and_report(tmp_path, method):
+    run = tmp_path / method
+    assert main(["train", f"{method}_fmnist", *TINY, "--run-dir", str(run)]) == 0
+    doc = json.loads((run / "eval.json").read_text())
+    assert len(doc["matrix"]) == (1 if method == "joint" else 4)
+    assert 0 <= doc["eval"]["test"]["avg_incremental_acc"] <= 100 and (run / "tasks.png").is_file()
+
+
+def test_killed_protocol_resumes_from_the_last_finished_task(tmp_path):
+    run = tmp_path / "dytox"
+    assert main(["train", "dytox_fmnist", *TINY, "--run-dir", str(run)]) == 0
+    full = json.loads((run / "eval.json").read_text())["matrix"]
+    import shutil
+
+    shutil.rmtree(run / "task3")  # as if killed before the last task finished
+    (run / "eval.json").unlink()
+    assert main(["train", "dytox_fmnist", *TINY, "--run-dir", str(run), "--resume"]) == 0
+    assert json.loads((run / "eval.json").read_text())["matrix"] == full
