@@ -38,3 +38,25 @@ def test_coco_map_perfect_and_wrong_predictions():
     assert coco_map(wrong, t, [(64, 64)], num_classes=2)["AP"] == pytest.approx(0.0)
     none = [{"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]
     assert coco_map(none, t, [(64, 64)], num_classes=2)["AP"] == 0.0
+
+
+
+def test_predict_draws_boxes_and_masks(tmp_path, capsys):
+    from PIL import Image
+
+    from test_segmentation import TINY as SEG_TINY
+
+    det, seg = tmp_path / "detr", tmp_path / "seg"
+    assert main(["train", "detr_world", *TINY, "--run-dir", str(det)]) == 0
+    assert main(["train", "segmenter_world", *SEG_TINY, "--run-dir", str(seg)]) == 0
+    image = tmp_path / "scene.png"
+    Image.new("RGB", (64, 64), (240, 240, 240)).save(image)
+    (tmp_path / "bad.png").write_bytes(b"x")
+    capsys.readouterr()
+    out = tmp_path / "pics"
+    assert main(["predict", str(det), str(image), str(tmp_path / "bad.png"), "--out", str(out), "--threshold", "0",
+                 "--json", str(tmp_path / "d.json")]) == 0
+    assert (out / "scene_detr.png").is_file() and "bad.png: skipped" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "d.json").read_text())[0]["detections"]) == 10  # threshold 0: every query
+    assert main(["predict", str(seg), str(image), "--out", str(out)]) == 0
+    assert Image.open(out / "scene_segmenter.png").size == (256, 256)

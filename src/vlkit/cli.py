@@ -122,19 +122,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _is_vlm(path: str) -> bool:
+def _architecture(path: str) -> str:
     from vlkit.checkpoints.hub import read_model_config
 
     try:
-        return read_model_config(path).get("architecture") == "vlm"
+        return read_model_config(path).get("architecture", "")
     except Exception:  # noqa: BLE001 - not a folder we can read: the classifier path reports it
-        return False
+        return ""
 
 
 def cmd_predict(args) -> int:
     from vlkit.tasks.predict import predict_files
 
-    if _is_vlm(args.run):
+    arch = _architecture(args.run)
+    if arch in ("detr", "segmenter"):
+        from vlkit.tasks.dense_predict import predict_dense
+
+        results = predict_dense(args.run, args.images, args.out, args.threshold)
+        for r in results:
+            if "error" in r:
+                print(f"{r['path']}: skipped ({r['error']})")
+            else:
+                found = r.get("detections", r.get("classes"))
+                print(f"{r['path']}: {found} -> {r['picture']}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return 0
+    if arch == "vlm":
         from vlkit.tasks.vlm import answer_files
 
         for r in answer_files(args.run, args.images, args.prompt):
@@ -230,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=int, default=3)
     r.add_argument("--json", default="", help="also write the predictions to this JSON file")
     r.add_argument("--prompt", default="Describe the image.", help="VLM runs: the question (default: caption)")
+    r.add_argument("--out", default="predictions", help="DETR / Segmenter runs: folder of the drawn pictures")
+    r.add_argument("--threshold", type=float, default=0.5, help="DETR runs: minimum score of a drawn box")
     r.set_defaults(fn=cmd_predict)
     c = sub.add_parser("chat", help="talk about an image with a VLM run: vlkit chat RUN IMAGE (questions on stdin)")
     c.add_argument("run")
