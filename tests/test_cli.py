@@ -87,3 +87,12 @@ def test_quickstart_tiny_writes_the_report(tmp_path, capsys):
     for name in ("curves.png", "retrieval.png"):
         assert (tmp_path / "qs" / "clip" / name).read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "qs" / "vlm" / "samples.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quickstart_all_adds_the_dense_stages(tmp_path):
+    assert main(["quickstart", "--tiny", "--all", "--out", str(tmp_path / "qs")]) == 0
+    report = (tmp_path / "qs" / "report.md").read_text()
+    assert "Detection: DETR" in report and "Semantic segmentation: Segmenter" in report
+    assert "AP50" in report and "mIoU" in report
+    for stage in ("detr", "segmenter"):
+        assert (tmp_path / "qs" / stage / "samples.png").read_bytes()[:4] == b"\x89PNG"

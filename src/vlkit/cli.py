@@ -220,7 +220,7 @@ def cmd_chat(args) -> int:
 def cmd_quickstart(args) -> int:
     from vlkit.tasks.quickstart import run_quickstart
 
-    report = run_quickstart(Path(args.out), tiny=args.tiny, overrides=args.overrides)
+    report = run_quickstart(Path(args.out), tiny=args.tiny, overrides=args.overrides, everything=args.all)
     print(f"report: {report}")
     return 0
 
@@ -255,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="train, evaluate and report the main job (about 5 CPU minutes)")
     q.add_argument("--out", default="runs/quickstart")
     q.add_argument("--tiny", action="store_true", help="a seconds-long version (smoke test)")
+    q.add_argument("--all", action="store_true", help="also the detection and segmentation stages")
     q.add_argument("overrides", nargs="*", help="overrides of configs/quickstart.yaml")
     q.set_defaults(fn=cmd_quickstart)
     return p

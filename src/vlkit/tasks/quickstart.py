@@ -4,8 +4,9 @@ Stage 1 trains a small DeiT on Fashion-MNIST (the synthetic world when it is mis
 fine-tuned EfficientNet-Lite0 teacher. Stage 2 trains a CLIP on the synthetic world's captions
 (zero-shot top-1, Recall@K) and searches its test images by text with ``vlkit search``. Stage 3
 trains a small VLM from scratch on the world's captions and questions (CIDEr, VQA accuracy,
-sample answers). Overrides prefixed ``clip.`` / ``vlm.`` go to stages 2 / 3
-(``configs/quickstart_clip.yaml``, ``configs/quickstart_vlm.yaml``), others to stage 1.
+sample answers). ``--all`` adds DETR detection and Segmenter segmentation on the world. Overrides
+prefixed ``clip.`` / ``vlm.`` / ``detr.`` / ``segmenter.`` go to those stages
+(``configs/quickstart_<stage>.yaml``), others to stage 1.
 """
 from __future__ import annotations
 
@@ -48,6 +49,14 @@ TINY_VLM_OVERRIDES = [
     "decoder.config.num_layers=1", "decoder.config.num_heads=2", "decoder.config.num_kv_heads=1",
     "generation.max_new_tokens=4",
 ]
+TINY_DENSE_OVERRIDES = [
+    "train.max_steps=3", "train.batch_size=4", "train.eval_every=3", "train.checkpoint_every=3",
+    "train.warmup_steps=1", "world.train_length=16", "eval_limit=4", "vit.depth=1", "vit.embed_dim=32",
+    "vit.num_heads=2",
+]
+TINY_DETR_OVERRIDES = [*TINY_DENSE_OVERRIDES, "detr.d_model=32", "detr.num_heads=4", "detr.enc_layers=1",
+                       "detr.dec_layers=2", "detr.ffn_dim=64"]
+TINY_SEG_OVERRIDES = [*TINY_DENSE_OVERRIDES, "decoder_dim=32", "decoder_heads=2", "decoder_depth=1"]
 RETRIEVAL_KEYS = ("zero_shot_top1", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10",
                   "i2t_mean_rank", "t2i_mean_rank")
 
@@ -174,19 +183,56 @@ def _vlm_samples(cfg: vlm.VLMConfig, run_dir: Path, shown: int) -> Path:
     return save_text_grid(images, texts, run_dir / "samples.png", correct)
 
 
-def run_quickstart(out: Path, tiny: bool = False, overrides: list[str] = ()) -> Path:
+def dense_stage(kind: str, cfg, run_dir: Path, rel: str, shown: int = 8) -> str:
+    """Detection (DETR) or segmentation (Segmenter) on the world: metrics, curves, drawn test predictions."""
+    from vlkit.tasks import detection, segmentation
+    from vlkit.tasks.dense_predict import predict_dense
+    from vlkit.viz.grid import save_text_grid
+
+    module = detection if kind == "detr" else segmentation
+    result = module.train(cfg, run_dir)
+    keys = list(next(iter(result["eval"].values())))[:6]
+    rows = [[split] + [f"{m[k]:.1f}" for k in keys] for split, m in result["eval"].items()]
+    folder = run_dir / "test_images"
+    folder.mkdir(exist_ok=True)
+    world = WorldDataset(cfg.world, "test", length=shown, task="detection")
+    paths = []
+    for i in range(shown):
+        paths.append(folder / f"test{i}.png")
+        world[i]["image"].save(paths[-1])
+    drawn = predict_dense(run_dir, paths, run_dir / "predictions", threshold=0.5)
+    from PIL import Image
+
+    truth = [", ".join(o["shape"] for o in world[i]["objects"]) for i in range(shown)]
+    grid = save_text_grid([Image.open(d["picture"]) for d in drawn], [f"true: {t}" for t in truth],
+                          run_dir / "samples.png", width=40)
+    title = "Detection: DETR" if kind == "detr" else "Semantic segmentation: Segmenter"
+    what = "boxes scored above 0.5" if kind == "detr" else "predicted class masks"
+    return section(f"{title} on the synthetic world", f"Recipe: `{cfg.name}`. Run folder: `{rel}/`.",
+                   markdown_table(["split", *keys], rows), training_table(result["summary"]),
+                   f"Training curves (the loss, and the metrics at each evaluation):\n\n![curves]({rel}/curves.png)",
+                   f"Test images with the {what}:\n\n![samples]({rel}/{grid.name})")
+
+
+def run_quickstart(out: Path, tiny: bool = False, overrides: list[str] = (), everything: bool = False) -> Path:
     """Run every stage into ``out`` and write ``out/report.md``; returns its path."""
     from vlkit.cli import load_recipe
 
     start = time.time()
-    staged = {p: [o[len(p):] for o in overrides if o.startswith(p)] for p in ("clip.", "vlm.")}
+    prefixes = ("clip.", "vlm.", "detr.", "segmenter.")
+    staged = {p: [o[len(p):] for o in overrides if o.startswith(p)] for p in prefixes}
     cfg, _ = load_recipe("quickstart", [*(TINY_OVERRIDES if tiny else []),
-                                        *(o for o in overrides if not o.startswith(("clip.", "vlm.")))])
+                                        *(o for o in overrides if not o.startswith(prefixes))])
     clip_cfg, _ = load_recipe("quickstart_clip", [*(TINY_CLIP_OVERRIDES if tiny else []), *staged["clip."]])
     vlm_cfg, _ = load_recipe("quickstart_vlm", [*(TINY_VLM_OVERRIDES if tiny else []), *staged["vlm."]])
     out.mkdir(parents=True, exist_ok=True)
     sections = [classification_stage(cfg, out / "deit", "deit"), clip_stage(clip_cfg, out / "clip", "clip"),
                 vlm_stage(vlm_cfg, out / "vlm", "vlm")]
+    if everything:  # --all: the dense-prediction stages
+        for kind, recipe, tiny_over in (("detr", "quickstart_detr", TINY_DETR_OVERRIDES),
+                                        ("segmenter", "quickstart_segmenter", TINY_SEG_OVERRIDES)):
+            dense_cfg, _ = load_recipe(recipe, [*(tiny_over if tiny else []), *staged.get(f"{kind}.", [])])
+            sections.append(dense_stage(kind, dense_cfg, out / kind, kind))
     header = (f"# vlkit quickstart report\n\n{time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"{'tiny smoke-test sizes, ' if tiny else ''}total {time.time() - start:.0f} s.\n")
