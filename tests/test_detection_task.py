@@ -60,3 +60,30 @@ def test_predict_draws_boxes_and_masks(tmp_path, capsys):
     assert len(json.loads((tmp_path / "d.json").read_text())[0]["detections"]) == 10  # threshold 0: every query
     assert main(["predict", str(seg), str(image), "--out", str(out)]) == 0
     assert Image.open(out / "scene_segmenter.png").size == (256, 256)
+
+
+def test_coco_format_dataset_and_training(tmp_path):
+    from PIL import Image
+
+    from vlkit.data.coco import CocoDetection
+
+    Image.new("RGB", (80, 40), (255, 255, 255)).save(tmp_path / "a.jpg")
+    (tmp_path / "b.jpg").write_bytes(b"broken")
+    doc = {"categories": [{"id": 7, "name": "cat"}, {"id": 3, "name": "dog"}],
+           "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [8, 4, 40, 20],
+                            "segmentation": [[8, 4, 48, 4, 48, 24, 8, 24]]},
+                           {"id": 2, "image_id": 1, "category_id": 3, "bbox": [0, 0, 0, 5]},  # empty: dropped
+                           {"id": 3, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5], "iscrowd": 1}]}
+    (tmp_path / "train.json").write_text(json.dumps(doc))
+    ds = CocoDetection(tmp_path / "train.json", tmp_path, side=32, masks=True)
+    s = ds[0]
+    assert ds.classes == ["dog", "cat"] and s["box_labels"].tolist() == [1]
+    assert torch.allclose(s["boxes"], torch.tensor([[28 / 80, 14 / 40, 40 / 80, 20 / 40]]))
+    assert s["image"].size == (32, 32) and set(s["semantic_mask"].unique().tolist()) == {0, 2}
+    assert ds[1] is None
+    run = tmp_path / "run"
+    assert main(["train", "detr_world", *TINY, "data=coco", f"coco_train={tmp_path / 'train.json'}",
+                 f"coco_val={tmp_path / 'train.json'}", f"image_root={tmp_path}", "detr.num_classes=2",
+                 "world.image_size=64", "train.batch_size=1", "--run-dir", str(run)]) == 0
+    assert "AP50" in json.loads((run / "eval.json").read_text())["eval"]["val"]

@@ -2,7 +2,8 @@
 
 The world's scenes carry boxes (cx, cy, w, h in [0, 1]) and shape labels for every object; DETR is
 trained with the Hungarian set criterion and evaluated with COCO AP / AP50 / AP75
-(``pycocotools``) on the validation, test and compositional splits. The training curves
+(``pycocotools``) on the validation, test and compositional splits. ``data: coco`` reads a
+COCO-format JSON + image folder instead (:class:`vlkit.data.coco.CocoDetection`). The training curves
 (loss, and AP at each evaluation) are written next to the run, showing DETR's slow convergence.
 """
 from __future__ import annotations
@@ -47,6 +48,10 @@ class DetectionConfig:
     transform: TransformConfig = field(default_factory=lambda: TransformConfig(
         image_size=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear", crop_pct=1.0,
         rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0), hflip=0.0, randaugment_num_ops=0))
+    data: Literal["world", "coco"] = "world"  # coco: COCO-format JSON + images (coco_train / coco_val / image_root)
+    coco_train: str = ""
+    coco_val: str = ""
+    image_root: str = ""
     eos_coef: float = 0.1  # weight of the "no object" class
     cost_class: float = 1.0
     cost_bbox: float = 5.0
@@ -58,8 +63,10 @@ class DetectionConfig:
                                                                    clip_grad_norm=0.1))
 
     def __post_init__(self):
-        if self.detr.num_classes != len(self.world.shapes):
+        if self.data == "world" and self.detr.num_classes != len(self.world.shapes):
             self.detr = replace(self.detr, num_classes=len(self.world.shapes))
+        if self.data == "coco" and not (self.coco_train and self.image_root):
+            raise ConfigError("coco_train", "data=coco needs coco_train (JSON) and image_root")
         if self.transform.image_size != self.world.image_size:
             raise ConfigError("transform.image_size", f"{self.transform.image_size} != world.image_size "
                                                       f"{self.world.image_size}")
@@ -117,9 +124,20 @@ def evaluate(model: DETR, dataset, cfg: DetectionConfig) -> dict:
 
 
 def _split(cfg: DetectionConfig, name: str, train: bool) -> TransformedDataset:
-    length = None if train else min(cfg.eval_limit, getattr(cfg.world, f"{name}_length"))
-    base = WorldDataset(cfg.world, name, length=length, task="detection")
+    if cfg.data == "coco":
+        from vlkit.data.coco import CocoDetection
+
+        base = CocoDetection(cfg.coco_train if train else cfg.coco_val, cfg.image_root, cfg.world.image_size)
+    else:
+        length = None if train else min(cfg.eval_limit, getattr(cfg.world, f"{name}_length"))
+        base = WorldDataset(cfg.world, name, length=length, task="detection")
     return TransformedDataset(base, build_transform(cfg.transform, train=train), seed=cfg.train.seed)
+
+
+def eval_splits(cfg: DetectionConfig) -> tuple[str, ...]:
+    if cfg.data == "coco":
+        return ("val",) if cfg.coco_val else ()
+    return ("val", "test", "compositional")
 
 
 def train(cfg: DetectionConfig, run_dir: str | Path | None = None, resume: bool = False) -> dict:
@@ -130,16 +148,17 @@ def train(cfg: DetectionConfig, run_dir: str | Path | None = None, resume: bool 
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     torch.manual_seed(cfg.train.seed)
     model = build_detr(cfg)
-    val = _split(cfg, "val", train=False)
+    val = _split(cfg, "val", train=False) if eval_splits(cfg) else None
     trainer = Trainer(model, objective_fn(build_criterion(cfg)), _split(cfg, "train", train=True), cfg.train,
-                      run_dir, eval_fn=lambda m: evaluate(m, val, cfg))
+                      run_dir, eval_fn=(lambda m: evaluate(m, val, cfg)) if val is not None else None)
     summary = trainer.fit(resume=resume)
     model = trainer.final_model()
     result = {"run_dir": str(run_dir), "summary": summary}
     if is_main():
         from vlkit.checkpoints.hub import save_model
 
-        save_model(model, run_dir / "model", "detr", cfg, meta={"classes": list(cfg.world.shapes)})
-        result["eval"] = {s: evaluate(model, _split(cfg, s, False), cfg) for s in ("val", "test", "compositional")}
+        classes = list(cfg.world.shapes) if cfg.data == "world" else _split(cfg, "train", True).classes
+        save_model(model, run_dir / "model", "detr", cfg, meta={"classes": classes})
+        result["eval"] = {s: evaluate(model, _split(cfg, s, False), cfg) for s in eval_splits(cfg)}
         (run_dir / "eval.json").write_text(json.dumps({"train": summary, "eval": result["eval"]}, indent=2))
     return result
