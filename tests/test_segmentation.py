@@ -47,3 +47,18 @@ def test_segmenter_recipes_train_and_report_miou(tmp_path, recipe):
     doc = json.loads((run / "eval.json").read_text())
     assert 0 <= doc["eval"]["test"]["mIoU"] <= 100 and "pixel_acc" in doc["eval"]["compositional"]
     assert vlkit.load(run)(torch.randn(1, 3, 64, 64)).shape == (1, 9, 64, 64)
+
+
+def test_segmenter_trains_on_coco_format_masks(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (255, 255, 255)).save(tmp_path / "a.png")
+    doc = {"categories": [{"id": 1, "name": "square"}], "images": [{"id": 1, "file_name": "a.png"}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20],
+                            "segmentation": [[5, 5, 25, 5, 25, 25, 5, 25]]}]}
+    (tmp_path / "seg.json").write_text(json.dumps(doc))
+    run = tmp_path / "run"
+    assert main(["train", "segmenter_world", *TINY, "data=coco", f"coco_train={tmp_path / 'seg.json'}",
+                 f"coco_val={tmp_path / 'seg.json'}", f"image_root={tmp_path}", "coco_classes=1",
+                 "train.batch_size=1", "--run-dir", str(run)]) == 0
+    assert set(json.loads((run / "eval.json").read_text())["eval"]) == {"val"}

@@ -43,6 +43,11 @@ class SegmentationConfig:
     transform: TransformConfig = field(default_factory=lambda: TransformConfig(
         image_size=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear", crop_pct=1.0,
         rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0), hflip=0.0, randaugment_num_ops=0))
+    data: Literal["world", "coco"] = "world"  # coco: COCO-format JSON (polygons / RLE) + images
+    coco_train: str = ""
+    coco_val: str = ""
+    image_root: str = ""
+    coco_classes: int = 0  # data=coco: number of categories (checked against the JSON)
     eval_limit: int = 200
     eval_batch_size: int = 64
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=32, epochs=3,
@@ -51,10 +56,18 @@ class SegmentationConfig:
     def __post_init__(self):
         if not self.vit.image_size == self.transform.image_size == self.world.image_size:
             raise ConfigError("vit.image_size", "vit, transform and world image sizes must be equal")
+        if self.data == "coco" and not (self.coco_train and self.image_root and self.coco_classes):
+            raise ConfigError("coco_train", "data=coco needs coco_train, image_root and coco_classes")
+
+    @property
+    def class_names(self) -> list[str]:
+        if self.data == "coco":
+            return ["background", *(str(i) for i in range(self.coco_classes))]
+        return ["background", *self.world.shapes]
 
     @property
     def num_classes(self) -> int:
-        return 1 + len(self.world.shapes)  # background + shapes
+        return len(self.class_names)  # background + shapes (or COCO categories)
 
 
 def build_segmenter(cfg: SegmentationConfig) -> Segmenter:
@@ -80,15 +93,28 @@ def evaluate(model: Segmenter, dataset, cfg: SegmentationConfig) -> dict:
         if "image" in batch:
             cm.update(model(batch["image"].to(device)).argmax(1), batch["semantic_mask"])
     out = cm.compute()
-    names = ["background", *cfg.world.shapes]
+    names = cfg.class_names
     return {"mIoU": out["mIoU"], "pixel_acc": out["pixel_acc"],
             **{f"iou_{n}": v for n, v in zip(names, out["iou"]) if v is not None}}
 
 
 def _split(cfg: SegmentationConfig, name: str, train: bool) -> TransformedDataset:
-    length = None if train else min(cfg.eval_limit, getattr(cfg.world, f"{name}_length"))
-    base = WorldDataset(cfg.world, name, length=length, task="segmentation")
+    if cfg.data == "coco":
+        from vlkit.data.coco import CocoDetection
+
+        base = CocoDetection(cfg.coco_train if train else cfg.coco_val, cfg.image_root, cfg.world.image_size, masks=True)
+        if len(base.classes) != cfg.coco_classes:
+            raise ConfigError("coco_classes", f"{cfg.coco_classes} != the {len(base.classes)} categories of the JSON")
+    else:
+        length = None if train else min(cfg.eval_limit, getattr(cfg.world, f"{name}_length"))
+        base = WorldDataset(cfg.world, name, length=length, task="segmentation")
     return TransformedDataset(base, build_transform(cfg.transform, train=train), seed=cfg.train.seed)
+
+
+def eval_splits(cfg: SegmentationConfig) -> tuple[str, ...]:
+    if cfg.data == "coco":
+        return ("val",) if cfg.coco_val else ()
+    return ("val", "test", "compositional")
 
 
 def train(cfg: SegmentationConfig, run_dir: str | Path | None = None, resume: bool = False) -> dict:
@@ -97,16 +123,18 @@ def train(cfg: SegmentationConfig, run_dir: str | Path | None = None, resume: bo
     if is_main():
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     torch.manual_seed(cfg.train.seed)
-    val = _split(cfg, "val", train=False)
+    val = _split(cfg, "val", train=False) if eval_splits(cfg) else None
+    eval_fn = (lambda m: {k: v for k, v in evaluate(m, val, cfg).items() if not k.startswith("iou_")}) \
+        if val is not None else None
     trainer = Trainer(build_segmenter(cfg), objective, _split(cfg, "train", train=True), cfg.train, run_dir,
-                      eval_fn=lambda m: {k: v for k, v in evaluate(m, val, cfg).items() if not k.startswith("iou_")})
+                      eval_fn=eval_fn)
     summary = trainer.fit(resume=resume)
     model = trainer.final_model()
     result = {"run_dir": str(run_dir), "summary": summary}
     if is_main():
         from vlkit.checkpoints.hub import save_model
 
-        save_model(model, run_dir / "model", "segmenter", cfg, meta={"classes": ["background", *cfg.world.shapes]})
-        result["eval"] = {s: evaluate(model, _split(cfg, s, False), cfg) for s in ("val", "test", "compositional")}
+        save_model(model, run_dir / "model", "segmenter", cfg, meta={"classes": cfg.class_names})
+        result["eval"] = {s: evaluate(model, _split(cfg, s, False), cfg) for s in eval_splits(cfg)}
         (run_dir / "eval.json").write_text(json.dumps({"train": summary, "eval": result["eval"]}, indent=2))
     return result
