@@ -13,7 +13,7 @@ from vlkit.tasks.continual import summarise
 TINY = ["data.dataset=world", "data.world.image_size=28", "data.world.train_length=80", "data.world.val_length=16",
         "data.world.test_length=32", "data.world.compositional_length=8", "num_tasks=4", "train.max_steps=3",
         "train.batch_size=8", "train.warmup_steps=1", "train.checkpoint_every=3", "train.progress=false",
-        "vit.depth=1", "vit.embed_dim=32", "vit.num_heads=2", "tab_heads=2", "memory_size=8", "eval_batch_size=16"]
+        "vit.depth=1", "vit.embed_dim=32", "vit.num_heads=2", "tab_heads=2", "memory_size=8", "eval_batch_size=16", "balanced_steps=2"]
 
 
 def test_expansion_adds_tokens_and_heads_and_freezes_the_old_ones():

@@ -4,7 +4,8 @@ The classes are split, in their natural order, into ``num_tasks`` tasks learnt o
 classifies test images of every class seen so far (no task id given). Methods:
 
 - ``dytox``: DyTox (:mod:`vlkit.models.dytox`): a task token + classifier per task, knowledge
-  distillation from the previous model, a rehearsal memory of ``memory_size`` training images;
+  distillation from the previous model, a rehearsal memory of ``memory_size`` training images and
+  (``balanced_steps``) a short class-balanced finetuning of the tokens and classifiers after each task;
 - ``finetune``: the same model trained on each new task's data only (no memory, no distillation):
   the lower bound, catastrophic forgetting;
 - ``joint``: all classes at once for the whole budget: the upper bound.
@@ -57,6 +58,7 @@ class ContinualConfig:
     memory_size: int = 200  # rehearsal images kept over all seen classes (dytox)
     distill_weight: float = 1.0
     distill_temperature: float = 2.0
+    balanced_steps: int = 0  # dytox: after each new task, steps of classifier finetuning on class-balanced data
     eval_batch_size: int = 256
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=128, epochs=0, max_steps=300,
                                                                    warmup_steps=50, weight_decay=0.05))
@@ -186,6 +188,9 @@ def train(cfg: ContinualConfig, run_dir: str | Path | None = None, resume: bool 
             old = _frozen_copy(model)
             continue
         model = _learn_task(model, old, cfg, splits, labels, classes, memory, run_dir / f"task{t}", resume)
+        if cfg.method == "dytox" and cfg.balanced_steps and t > 0 and memory:
+            model = _balanced_finetune(model, cfg, splits, labels, classes, memory, run_dir / f"task{t}_balanced",
+                                       resume, seed=cfg.train.seed + t)
         seen = sum(tasks[:t + 1], [])
         test = eval_dataset(Subset(splits.test, (torch.isin(test_labels, torch.tensor(seen))).nonzero()[:, 0]),
                             cfg.data)
@@ -221,6 +226,31 @@ def _learn_task(model, old, cfg, splits, labels, classes, memory, task_dir, resu
     trainer = Trainer(model, objective_fn(old, cfg), data, replace(cfg.train, max_steps=steps, epochs=0), task_dir)
     trainer.fit(resume=resume)
     return trainer.final_model()
+
+
+def _balanced_finetune(model, cfg, splits, labels, classes, memory, task_dir, resume, seed):
+    """DyTox §3.3 (after each task): a short finetuning of the task tokens and classifiers (encoder and
+    TAB frozen) on the memory plus as many images per new class as the memory keeps per old class,
+    against the bias towards the newest classes."""
+    per_class = len(memory) // max(1, len(set(labels[memory].tolist())))
+    g = torch.Generator().manual_seed(seed)
+    new = []
+    for c in classes:
+        pool = (labels == c).nonzero()[:, 0]
+        new += pool[torch.randperm(len(pool), generator=g)[:per_class]].tolist()
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.requires_grad_(False)
+    for p in [*model.task_tokens, *model.heads.parameters()]:
+        p.requires_grad_(True)
+    data = Restricted(train_dataset(splits, cfg.data), memory + new)
+    steps_cfg = replace(cfg.train, max_steps=cfg.balanced_steps, epochs=0, lr=cfg.train.lr * 0.1,
+                        warmup_steps=0, batch_size=min(cfg.train.batch_size, len(data)))
+    trainer = Trainer(model, objective_fn(None, cfg), data, steps_cfg, task_dir)
+    trainer.fit(resume=resume)
+    model = trainer.final_model()
+    for n, p in model.named_parameters():
+        p.requires_grad_(saved[n])
+    return model
 
 
 def _plot(result: dict, path: Path, cfg: ContinualConfig) -> None:
