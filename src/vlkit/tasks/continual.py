@@ -254,10 +254,9 @@ def _balanced_finetune(model, cfg, splits, labels, classes, memory, task_dir, re
 
 
 def _plot(result: dict, path: Path, cfg: ContinualConfig) -> None:
-    import matplotlib
+    from vlkit.viz.grid import save_figure  # imported first: it selects the Agg backend
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: I001
 
     m = result["matrix"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -272,6 +271,4 @@ def _plot(result: dict, path: Path, cfg: ContinualConfig) -> None:
     ax.set_xticks(list(steps))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from vlkit.viz.grid import to_display  # noqa: E402
+from vlkit.viz.grid import save_figure, to_display  # noqa: E402
 
 
 def attention_to_heatmap(attn: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
@@ -47,9 +47,4 @@ def save_attention_grid(images: torch.Tensor, layer_maps: Sequence[torch.Tensor]
                 axes[i, j + 1].set_title(layer_names[j], fontsize=7)
     for ax in axes.flat:
         ax.axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -15,6 +15,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
+def save_figure(fig, path: str | Path, title: str = "", dpi: int = 110) -> Path:
+    """Title (optional), tight layout, write ``fig`` to ``path`` (parent folders created), close it."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def to_display(image: torch.Tensor) -> np.ndarray:
     """(C, H, W) float image (any range) -> (H, W, C) array in [0, 1] for imshow (min-max if needed)."""
     image = image.detach().float().cpu()
@@ -35,14 +47,7 @@ def save_prediction_grid(images: torch.Tensor, true: Sequence[str], pred: Sequen
         ax.imshow(to_display(images[i]), interpolation="nearest")
         label = pred[i] if scores is None else f"{pred[i]} {scores[i]:.2f}"
         ax.set_title(f"{label}\n({true[i]})", fontsize=7, color="green" if pred[i] == true[i] else "red")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title=title)
 
 
 @dataclass
@@ -77,14 +82,7 @@ def save_retrieval_grid(rows: Sequence[RetrievalRow], path: str | Path, title: s
             ax.imshow(_as_array(image), interpolation="nearest")
             color = "black" if row.correct is None else ("green" if row.correct[c - 1] else "red")
             ax.set_title(label, fontsize=7, color=color)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title=title)
 
 
 def _as_array(image) -> np.ndarray:
@@ -107,11 +105,4 @@ def save_text_grid(images: Sequence, texts: Sequence[str], path: str | Path, cor
         color = "black" if correct is None else ("green" if correct[i] else "red")
         wrapped = "\n".join(line for part in texts[i].split("\n") for line in textwrap.wrap(part, width) or [""])
         ax.set_title(wrapped, fontsize=7, color=color, loc="left")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title=title, dpi=100)
