@@ -27,7 +27,7 @@ import tempfile
 
 import torch
 
-from bench_vit_cpu import sync, time_steps  # same folder: python puts the script's folder on sys.path
+from bench_vit_cpu import time_steps  # same folder: python puts the script's folder on sys.path
 
 HF, VLKIT = "HF transformers (sdpa)", "vlkit"
 PRESETS = {

@@ -476,7 +476,6 @@ def load_weights(model: VLM, path: str | Path) -> int:
 def load_vlm(path: str | Path) -> tuple[VLM, VLMConfig, ConversationEncoder]:
     """A trained VLM run (or its model folder): the model in eval mode, its config and prompt encoder."""
     from vlkit.checkpoints.hub import model_folder
-    from vlkit.checkpoints.io import read_safetensors
     from vlkit.config import from_dict
 
     folder = model_folder(path)
