@@ -80,23 +80,6 @@ def labels_of(ds: Dataset) -> torch.Tensor:
     return torch.tensor([int(ds[i]["label"]) for i in range(len(ds))])
 
 
-class Restricted(Dataset):
-    """``base`` restricted to ``indices`` (a task's data plus the memory); ``set_epoch`` passes through."""
-
-    def __init__(self, base: Dataset, indices: list[int]):
-        self.base, self.indices = base, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.base, "set_epoch"):
-            self.base.set_epoch(epoch)
-
-    def __getitem__(self, i: int):
-        return self.base[self.indices[i]]
-
-
 def task_classes(num_classes: int, num_tasks: int) -> list[list[int]]:
     if num_classes % num_tasks:
         raise ConfigError("num_tasks", f"{num_classes} classes do not split into {num_tasks} equal tasks")
@@ -219,7 +202,7 @@ def _frozen_copy(model: DyTox) -> DyTox:
 def _learn_task(model, old, cfg, splits, labels, classes, memory, task_dir, resume):
     new = torch.isin(labels, torch.tensor(classes)).nonzero()[:, 0].tolist()
     indices = new + (memory if cfg.method == "dytox" else [])
-    data = Restricted(train_dataset(splits, cfg.data), indices)
+    data = Subset(train_dataset(splits, cfg.data), indices)
     if not cfg.train.max_steps:
         raise ConfigError("train.max_steps", "set the optimizer steps per task (epochs are not used here)")
     steps = cfg.train.max_steps * (cfg.num_tasks if cfg.method == "joint" else 1)
@@ -242,7 +225,7 @@ def _balanced_finetune(model, cfg, splits, labels, classes, memory, task_dir, re
     model.requires_grad_(False)
     for p in [*model.task_tokens, *model.heads.parameters()]:
         p.requires_grad_(True)
-    data = Restricted(train_dataset(splits, cfg.data), memory + new)
+    data = Subset(train_dataset(splits, cfg.data), memory + new)
     steps_cfg = replace(cfg.train, max_steps=cfg.balanced_steps, epochs=0, lr=cfg.train.lr * 0.1,
                         warmup_steps=0, batch_size=min(cfg.train.batch_size, len(data)))
     trainer = Trainer(model, objective_fn(None, cfg), data, steps_cfg, task_dir)

@@ -24,9 +24,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vlkit.config import ConfigError, to_dict
-from vlkit.data.base import ClassCaptions, TransformedDataset, collate
+from vlkit.data.base import ClassCaptions, collate
 from vlkit.data.tokenizers import TextTokenizer, train_bpe
-from vlkit.data.transforms import TransformConfig, build_transform
+from vlkit.data.transforms import TransformConfig
 from vlkit.data.world import WorldConfig, WorldDataset
 from vlkit.encoders.text import BertConfig, BertEncoder, CLIPTextConfig, CLIPTextTransformer, bert_config, \
     load_hf_bert
@@ -34,7 +34,8 @@ from vlkit.encoders.vit import ViTConfig, VisionTransformer
 from vlkit.eval.retrieval import retrieval_metrics, zero_shot_classifier, zero_shot_logits
 from vlkit.losses.contrastive import ClipLoss, SigLipLoss, TripletLoss
 from vlkit.models.clip import CLIP
-from vlkit.tasks.data import DataConfig, Subset, build_splits, eval_dataset, train_dataset
+from vlkit.tasks.data import SCENE_SPLITS, DataConfig, Subset, build_splits, eval_dataset, scene_split, \
+    train_dataset
 from vlkit.train import TrainConfig, Trainer
 from vlkit.train.distributed import is_main
 
@@ -197,17 +198,11 @@ def evaluate_split(model: CLIP, dataset, tokenizer: TextTokenizer, cfg: Contrast
     return metrics
 
 
-def _world_split(cfg: ContrastiveConfig, name: str, train: bool) -> TransformedDataset:
-    length = None if train else min(cfg.eval_limit, getattr(cfg.world, f"{name}_length"))
-    base = WorldDataset(cfg.world, name, length=length, task="retrieval")
-    return TransformedDataset(base, build_transform(cfg.transform, train=train), seed=cfg.train.seed)
-
-
 def build_data(cfg: ContrastiveConfig) -> tuple[Dataset, dict[str, Dataset], list[str]]:
     """(captioned training set, evaluation splits by name (validation first), class names)."""
     if cfg.data == "world":
-        evals = {name: _world_split(cfg, name, train=False) for name in ("val", "test", "compositional")}
-        return _world_split(cfg, "train", train=True), evals, list(cfg.world.shapes)
+        evals = {name: scene_split(cfg, name, False, task="retrieval") for name in SCENE_SPLITS}
+        return scene_split(cfg, "train", True, task="retrieval"), evals, list(cfg.world.shapes)
     splits = build_splits(cfg.classes)
     names = list(cfg.class_names or splits.classes)
     if len(names) != len(splits.classes):

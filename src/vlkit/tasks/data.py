@@ -50,14 +50,18 @@ class DataConfig:
 
 
 class Subset(Dataset):
-    """``base`` restricted to ``indices``; keeps ``classes``."""
+    """``base`` restricted to ``indices``; keeps ``classes`` (when the base has them)."""
 
-    def __init__(self, base: Dataset, indices: torch.Tensor):
+    def __init__(self, base: Dataset, indices):
         self.base, self.indices = base, [int(i) for i in indices]
-        self.classes = list(base.classes)
+        self.classes = list(getattr(base, "classes", []))
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:  # a transformed base re-seeds its augmentation per epoch
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
 
     def __getitem__(self, index: int):
         return self.base[self.indices[index]]
@@ -143,3 +147,28 @@ def train_dataset(splits: Splits, cfg: DataConfig) -> TransformedDataset:
 def eval_dataset(ds: Dataset, cfg: DataConfig) -> TransformedDataset:
     return TransformedDataset(ds, build_transform(cfg.transform, train=False), seed=cfg.seed)
 
+
+
+SCENE_SPLITS = ("val", "test", "compositional")
+
+
+def scene_split(cfg, name: str, train: bool, task: str, masks: bool = False) -> TransformedDataset:
+    """A split of a scene recipe (contrastive, detection, segmentation): the synthetic world's
+    ``name`` split (evaluation splits cut to ``cfg.eval_limit`` scenes), or with ``cfg.data == "coco"``
+    a COCO-format JSON (``coco_train`` / ``coco_val`` + ``image_root``, images resized to the world's
+    side); transformed with ``cfg.transform``, seeded with ``cfg.train.seed``."""
+    if getattr(cfg, "data", "world") == "coco":
+        from vlkit.data.coco import CocoDetection
+
+        base = CocoDetection(cfg.coco_train if train else cfg.coco_val, cfg.image_root, cfg.world.image_size, masks)
+    else:
+        length = None if train else min(cfg.eval_limit, getattr(cfg.world, f"{name}_length"))
+        base = WorldDataset(cfg.world, name, length=length, task=task)
+    return TransformedDataset(base, build_transform(cfg.transform, train=train), seed=cfg.train.seed)
+
+
+def scene_eval_splits(cfg) -> tuple[str, ...]:
+    """The evaluation splits of a scene recipe: the world's three, or the COCO validation JSON if given."""
+    if getattr(cfg, "data", "world") == "coco":
+        return ("val",) if cfg.coco_val else ()
+    return SCENE_SPLITS

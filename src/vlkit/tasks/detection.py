@@ -21,12 +21,13 @@ from torch.utils.data import DataLoader
 
 from vlkit.config import ConfigError, to_dict
 from vlkit.data.base import TransformedDataset, collate
-from vlkit.data.transforms import TransformConfig, build_transform
-from vlkit.data.world import WorldConfig, WorldDataset
+from vlkit.data.transforms import TransformConfig
+from vlkit.data.world import WorldConfig
 from vlkit.encoders.vit import ViTConfig, VisionTransformer
 from vlkit.eval.detection import coco_map
 from vlkit.losses.set_criterion import HungarianMatcher, SetCriterion
 from vlkit.models.detr import DETR, DETRConfig, FeatureMap, postprocess
+from vlkit.tasks.data import scene_eval_splits, scene_split
 from vlkit.train import TrainConfig, Trainer
 from vlkit.train.distributed import is_main
 
@@ -124,20 +125,7 @@ def evaluate(model: DETR, dataset, cfg: DetectionConfig) -> dict:
 
 
 def _split(cfg: DetectionConfig, name: str, train: bool) -> TransformedDataset:
-    if cfg.data == "coco":
-        from vlkit.data.coco import CocoDetection
-
-        base = CocoDetection(cfg.coco_train if train else cfg.coco_val, cfg.image_root, cfg.world.image_size)
-    else:
-        length = None if train else min(cfg.eval_limit, getattr(cfg.world, f"{name}_length"))
-        base = WorldDataset(cfg.world, name, length=length, task="detection")
-    return TransformedDataset(base, build_transform(cfg.transform, train=train), seed=cfg.train.seed)
-
-
-def eval_splits(cfg: DetectionConfig) -> tuple[str, ...]:
-    if cfg.data == "coco":
-        return ("val",) if cfg.coco_val else ()
-    return ("val", "test", "compositional")
+    return scene_split(cfg, name, train, task="detection")
 
 
 def train(cfg: DetectionConfig, run_dir: str | Path | None = None, resume: bool = False) -> dict:
@@ -148,8 +136,9 @@ def train(cfg: DetectionConfig, run_dir: str | Path | None = None, resume: bool 
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     torch.manual_seed(cfg.train.seed)
     model = build_detr(cfg)
-    val = _split(cfg, "val", train=False) if eval_splits(cfg) else None
-    trainer = Trainer(model, objective_fn(build_criterion(cfg)), _split(cfg, "train", train=True), cfg.train,
+    val = _split(cfg, "val", train=False) if scene_eval_splits(cfg) else None
+    train_data = _split(cfg, "train", train=True)
+    trainer = Trainer(model, objective_fn(build_criterion(cfg)), train_data, cfg.train,
                       run_dir, eval_fn=(lambda m: evaluate(m, val, cfg)) if val is not None else None)
     summary = trainer.fit(resume=resume)
     model = trainer.final_model()
@@ -157,8 +146,8 @@ def train(cfg: DetectionConfig, run_dir: str | Path | None = None, resume: bool 
     if is_main():
         from vlkit.checkpoints.hub import save_model
 
-        classes = list(cfg.world.shapes) if cfg.data == "world" else _split(cfg, "train", True).classes
+        classes = list(cfg.world.shapes) if cfg.data == "world" else train_data.classes
         save_model(model, run_dir / "model", "detr", cfg, meta={"classes": classes})
-        result["eval"] = {s: evaluate(model, _split(cfg, s, False), cfg) for s in eval_splits(cfg)}
+        result["eval"] = {s: evaluate(model, _split(cfg, s, False), cfg) for s in scene_eval_splits(cfg)}
         (run_dir / "eval.json").write_text(json.dumps({"train": summary, "eval": result["eval"]}, indent=2))
     return result

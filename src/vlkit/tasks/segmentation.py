@@ -17,11 +17,12 @@ from torch.utils.data import DataLoader
 
 from vlkit.config import ConfigError, to_dict
 from vlkit.data.base import TransformedDataset, collate
-from vlkit.data.transforms import TransformConfig, build_transform
-from vlkit.data.world import WorldConfig, WorldDataset
+from vlkit.data.transforms import TransformConfig
+from vlkit.data.world import WorldConfig
 from vlkit.encoders.vit import ViTConfig, VisionTransformer
 from vlkit.eval.segmentation import ConfusionMatrix
 from vlkit.models.segmenter import LinearDecoder, MaskTransformer, Segmenter
+from vlkit.tasks.data import scene_eval_splits, scene_split
 from vlkit.train import TrainConfig, Trainer
 from vlkit.train.distributed import is_main
 
@@ -99,22 +100,10 @@ def evaluate(model: Segmenter, dataset, cfg: SegmentationConfig) -> dict:
 
 
 def _split(cfg: SegmentationConfig, name: str, train: bool) -> TransformedDataset:
-    if cfg.data == "coco":
-        from vlkit.data.coco import CocoDetection
-
-        base = CocoDetection(cfg.coco_train if train else cfg.coco_val, cfg.image_root, cfg.world.image_size, masks=True)
-        if len(base.classes) != cfg.coco_classes:
-            raise ConfigError("coco_classes", f"{cfg.coco_classes} != the {len(base.classes)} categories of the JSON")
-    else:
-        length = None if train else min(cfg.eval_limit, getattr(cfg.world, f"{name}_length"))
-        base = WorldDataset(cfg.world, name, length=length, task="segmentation")
-    return TransformedDataset(base, build_transform(cfg.transform, train=train), seed=cfg.train.seed)
-
-
-def eval_splits(cfg: SegmentationConfig) -> tuple[str, ...]:
-    if cfg.data == "coco":
-        return ("val",) if cfg.coco_val else ()
-    return ("val", "test", "compositional")
+    ds = scene_split(cfg, name, train, task="segmentation", masks=True)
+    if cfg.data == "coco" and len(ds.classes) != cfg.coco_classes:
+        raise ConfigError("coco_classes", f"{cfg.coco_classes} != the {len(ds.classes)} categories of the JSON")
+    return ds
 
 
 def train(cfg: SegmentationConfig, run_dir: str | Path | None = None, resume: bool = False) -> dict:
@@ -123,7 +112,7 @@ def train(cfg: SegmentationConfig, run_dir: str | Path | None = None, resume: bo
     if is_main():
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     torch.manual_seed(cfg.train.seed)
-    val = _split(cfg, "val", train=False) if eval_splits(cfg) else None
+    val = _split(cfg, "val", train=False) if scene_eval_splits(cfg) else None
     eval_fn = (lambda m: {k: v for k, v in evaluate(m, val, cfg).items() if not k.startswith("iou_")}) \
         if val is not None else None
     trainer = Trainer(build_segmenter(cfg), objective, _split(cfg, "train", train=True), cfg.train, run_dir,
@@ -135,6 +124,6 @@ def train(cfg: SegmentationConfig, run_dir: str | Path | None = None, resume: bo
         from vlkit.checkpoints.hub import save_model
 
         save_model(model, run_dir / "model", "segmenter", cfg, meta={"classes": cfg.class_names})
-        result["eval"] = {s: evaluate(model, _split(cfg, s, False), cfg) for s in eval_splits(cfg)}
+        result["eval"] = {s: evaluate(model, _split(cfg, s, False), cfg) for s in scene_eval_splits(cfg)}
         (run_dir / "eval.json").write_text(json.dumps({"train": summary, "eval": result["eval"]}, indent=2))
     return result
