@@ -8,24 +8,23 @@ cd "$(dirname "$0")/.."
 TORCH_VERSION="${VLKIT_TORCH_VERSION:-2.13.0}"
 PY="${PYTHON:-python3}"
 
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+# apt_install PACKAGE WHAT_IF_MISSING: install a Debian package when we can (root + apt-get),
+# else say what happens without it; never fails the set-up.
+apt_install() {
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-        echo "[setup] installing Debian package dataset-fashion-mnist"
-        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
-            || echo "[setup] WARNING: apt-get failed; vlkit falls back to the synthetic world"
+        echo "[setup] installing Debian package $1"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1") \
+            || echo "[setup] WARNING: apt-get $1 failed; $2"
     else
-        echo "[setup] WARNING: cannot apt-get (not root); Fashion-MNIST missing, the synthetic world is used"
+        echo "[setup] WARNING: cannot apt-get $1 (not root or no apt-get); $2"
     fi
-fi
+}
 
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+    apt_install dataset-fashion-mnist "Fashion-MNIST missing: the synthetic world is used instead"
+fi
 if ! command -v java >/dev/null 2>&1; then  # pycocoevalcap's PTB tokenizer (captioning metrics) runs Java
-    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-        echo "[setup] installing a Java runtime (default-jre-headless) for pycocoevalcap"
-        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless) \
-            || echo "[setup] WARNING: no Java: captioning metrics will fail with a clear error"
-    else
-        echo "[setup] WARNING: no Java and cannot apt-get: captioning metrics will fail with a clear error"
-    fi
+    apt_install default-jre-headless "no Java: captioning metrics fail with a clear error"
 fi
 
 if [ ! -x .venv/bin/python ]; then
