@@ -34,7 +34,7 @@ from vlkit.encoders.vit import ViTConfig, VisionTransformer
 from vlkit.eval.retrieval import retrieval_metrics, zero_shot_classifier, zero_shot_logits
 from vlkit.losses.contrastive import ClipLoss, SigLipLoss, TripletLoss
 from vlkit.models.clip import CLIP
-from vlkit.tasks.data import SCENE_SPLITS, DataConfig, Subset, build_splits, eval_dataset, scene_split, \
+from vlkit.tasks.data import SCENE_SPLITS, DataConfig, build_splits, eval_dataset, limit_dataset, scene_split, \
     train_dataset
 from vlkit.train import TrainConfig, Trainer
 from vlkit.train.distributed import is_main
@@ -209,7 +209,7 @@ def build_data(cfg: ContrastiveConfig) -> tuple[Dataset, dict[str, Dataset], lis
         raise ConfigError("class_names", f"{len(names)} names for the {len(splits.classes)} classes "
                                          f"{splits.classes}")
     train = ClassCaptions(train_dataset(splits, cfg.classes), names, cfg.caption_templates, seed=cfg.train.seed)
-    val = splits.val if cfg.eval_limit >= len(splits.val) else Subset(splits.val, torch.arange(cfg.eval_limit))
+    val = limit_dataset(splits.val, cfg.eval_limit)
     raw = {"val": val, **({"test": splits.test} if splits.test is not None else {}), **splits.extra}
     return train, {k: eval_dataset(v, cfg.classes) for k, v in raw.items()}, names
 

@@ -79,7 +79,8 @@ class Splits:
     extra: dict[str, Dataset] = field(default_factory=dict)
 
 
-def _limit(ds: Dataset, n: int) -> Dataset:
+def limit_dataset(ds: Dataset, n: int) -> Dataset:
+    """The first ``n`` samples of ``ds`` (all of them when ``n`` is 0 or not smaller)."""
     return Subset(ds, torch.arange(n)) if 0 < n < len(ds) else ds
 
 
@@ -132,9 +133,9 @@ def build_splits(cfg: DataConfig) -> Splits:
     if cfg.train_limit:
         splits.train = Subset(splits.train, torch.randperm(len(splits.train), generator=torch.Generator()
                                                              .manual_seed(cfg.seed + 1))[:cfg.train_limit])
-    splits.val = _limit(splits.val, cfg.eval_limit)
-    splits.test = _limit(splits.test, cfg.eval_limit) if splits.test is not None else None
-    splits.extra = {k: _limit(v, cfg.eval_limit) for k, v in splits.extra.items()}
+    splits.val = limit_dataset(splits.val, cfg.eval_limit)
+    splits.test = limit_dataset(splits.test, cfg.eval_limit) if splits.test is not None else None
+    splits.extra = {k: limit_dataset(v, cfg.eval_limit) for k, v in splits.extra.items()}
     log.info("data %s: %d train, %d val, %s test, %d classes", splits.source, len(splits.train), len(splits.val),
              len(splits.test) if splits.test is not None else "no", len(splits.classes))
     return splits

@@ -35,6 +35,7 @@ from vlkit.encoders.vit import ViTConfig, VisionTransformer
 from vlkit.eval.vl_metrics import caption_metrics, normalize_answer, vqa_accuracy
 from vlkit.models.peft import TuningConfig
 from vlkit.models.vlm import IGNORE_INDEX, VLM, InjectionConfig
+from vlkit.tasks.data import limit_dataset
 from vlkit.train import TrainConfig, Trainer
 from vlkit.train.distributed import is_main
 
@@ -170,7 +171,7 @@ def build_datasets(cfg: VLMConfig) -> tuple[Dataset, dict[str, Dataset]]:
         raise ConfigError("data.train", f"dataset={d.dataset} needs data.train (JSON) and data.image_root")
     kind = (lambda p: CocoCaptions(p, d.image_root, cfg.train.seed)) if d.dataset == "coco" else \
         (lambda p: LlavaConversations(p, d.image_root))
-    return kind(d.train), ({"val": _limited(kind(d.val), d.eval_limit)} if d.val else {})
+    return kind(d.train), ({"val": limit_dataset(kind(d.val), d.eval_limit)} if d.val else {})
 
 
 def _world_datasets(cfg: VLMConfig, limit: Optional[int]) -> tuple[Dataset, dict[str, Dataset]]:
@@ -196,12 +197,6 @@ def is_captioning(cfg: VLMConfig, split: str) -> bool:
     if cfg.data.dataset == "world_mix":
         return split.endswith("_caption")
     return cfg.data.dataset in ("world_caption", "coco")
-
-
-def _limited(ds: Dataset, n: int) -> Dataset:
-    from vlkit.tasks.data import Subset
-
-    return Subset(ds, torch.arange(min(n, len(ds)))) if n else ds
 
 
 def _texts(ds: Dataset, n: int = 5000):
