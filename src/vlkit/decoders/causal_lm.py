@@ -172,14 +172,17 @@ class CausalLM(nn.Module):
                            device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor], bool]:
         """(position ids (B, T), SDPA mask (B, 1, T, S) bool | None, is_causal)."""
         past = cache.length if cache is not None else 0
-        new = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
-        keys = cache.add_keys(new) if cache is not None else new  # (B, S) real tokens so far
+        given = attention_mask is not None
+        new = attention_mask.bool() if given else torch.ones(B, T, dtype=torch.bool, device=device)
+        keys = cache.add_keys(new, all_real=not given) if cache is not None else new  # (B, S) real tokens so far
         if past:
             positions = keys[:, :past].sum(1, keepdim=True) + new.long().cumsum(1) - 1
         else:
             positions = new.long().cumsum(1) - 1
         positions = positions.clamp(min=0)
-        if bool(keys.all()):  # no padding anywhere: plain causal attention
+        # no padding anywhere: plain causal attention. Decoding steps (no mask given) read no tensor back.
+        no_padding = not cache.padded if cache is not None else (not given or bool(keys.all()))
+        if no_padding:
             if T == 1:
                 return positions, None, False
             if past == 0:

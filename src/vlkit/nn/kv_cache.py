@@ -20,6 +20,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0
+        self.padded = False  # some position so far is padding (known without reading key_mask back)
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,13 +32,14 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def add_keys(self, mask: torch.Tensor) -> torch.Tensor:
-        """Record which of the next T positions are real tokens (mask (B, T) bool); returns the key
-        mask over every position so far (B, length + T)."""
+    def add_keys(self, mask: torch.Tensor, all_real: bool = False) -> torch.Tensor:
+        """Record which of the next T positions are real tokens (mask (B, T) bool; ``all_real``: the
+        caller knows it is all True); returns the key mask over every position so far (B, length + T)."""
         end = self.length + mask.shape[1]
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
         self.key_mask[:, self.length:end] = mask
+        self.padded = self.padded or not (all_real or bool(mask.all()))
         return self.key_mask[:, :end]
 
     def advance(self, n: int) -> None:
