@@ -96,3 +96,7 @@ def test_quickstart_all_adds_the_dense_stages(tmp_path):
     assert "AP50" in report and "mIoU" in report
     for stage in ("detr", "segmenter"):
         assert (tmp_path / "qs" / stage / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    import re
+
+    for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):  # every picture the report shows exists
+        assert (tmp_path / "qs" / link).is_file(), link

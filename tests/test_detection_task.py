@@ -58,6 +58,11 @@ def test_predict_draws_boxes_and_masks(tmp_path, capsys):
                  "--json", str(tmp_path / "d.json")]) == 0
     assert (out / "scene_detr.png").is_file() and "bad.png: skipped" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "d.json").read_text())[0]["detections"]) == 10  # threshold 0: every query
+    assert main(["predict", str(det), str(image), "--out", str(out), "--threshold", "0", "--attention",
+                 "--json", str(tmp_path / "a.json")]) == 0
+    found = json.loads((tmp_path / "a.json").read_text())[0]
+    assert Image.open(found["attention_picture"]).size == (10 * (256 + 4), 256)  # one panel per drawn query
+    assert sorted(d["query"] for d in found["detections"]) == list(range(10))
     assert main(["predict", str(seg), str(image), "--out", str(out)]) == 0
     assert Image.open(out / "scene_segmenter.png").size == (256, 256)
 

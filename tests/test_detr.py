@@ -49,3 +49,19 @@ def test_tiny_detr_overfits_two_images():
         loss.backward()
         opt.step()
     assert loss.item() < 0.25 * first
+
+
+def test_query_cross_attention_is_returned_without_changing_outputs():
+    model = tiny_detr().eval()
+    images = torch.randn(2, 3, 32, 32)
+    plain, seen = model(images), model(images, return_attention=True)
+    assert torch.allclose(plain["logits"], seen["logits"], atol=1e-5)  # explicit softmax == the SDPA kernel
+    assert seen["grid"] == (8, 8) and len(seen["cross_attention"]) == 2
+    attn = seen["cross_attention"][-1]
+    assert attn.shape == (2, 5, 64) and torch.allclose(attn.sum(-1), torch.ones(2, 5), atol=1e-5)
+    pad = torch.zeros(2, 32, 32, dtype=torch.bool)
+    pad[:, :, 16:] = True  # the right half is padding: no query may look there
+    attn = model(images, pad_mask=pad, return_attention=True)["cross_attention"][0].reshape(2, 5, 8, 8)
+    assert attn[..., 4:].abs().max() == 0 and torch.allclose(attn.sum((-1, -2)), torch.ones(2, 5), atol=1e-5)
+    det = postprocess(seen, torch.tensor([[32, 32]] * 2), threshold=0.0)[0]
+    assert det["queries"].tolist() == list(range(5))

@@ -138,7 +138,7 @@ def cmd_predict(args) -> int:
     if arch in ("detr", "segmenter"):
         from vlkit.tasks.dense_predict import predict_dense
 
-        results = predict_dense(args.run, args.images, args.out, args.threshold)
+        results = predict_dense(args.run, args.images, args.out, args.threshold, attention=args.attention)
         for r in results:
             if "error" in r:
                 print(f"{r['path']}: skipped ({r['error']})")
@@ -246,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prompt", default="Describe the image.", help="VLM runs: the question (default: caption)")
     r.add_argument("--out", default="predictions", help="DETR / Segmenter runs: folder of the drawn pictures")
     r.add_argument("--threshold", type=float, default=0.5, help="DETR runs: minimum score of a drawn box")
+    r.add_argument("--attention", action="store_true",
+                   help="DETR runs: also draw where each detection's object query looks (decoder cross-attention)")
     r.set_defaults(fn=cmd_predict)
     c = sub.add_parser("chat", help="talk about an image with a VLM run: vlkit chat RUN IMAGE (questions on stdin)")
     c.add_argument("run")

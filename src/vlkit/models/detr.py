@@ -56,7 +56,9 @@ def sine_position_embedding(mask: torch.Tensor, dim: int, temperature: float = 1
 class QKVAttention(nn.Module):
     """Multi-head attention with separate query / key / value inputs (DETR adds positions to q and k only).
 
-    forward(q (B, T, C), k (B, S, C), v (B, S, C), key_padding_mask (B, S) True = ignore) -> (B, T, C)."""
+    forward(q (B, T, C), k (B, S, C), v (B, S, C), key_padding_mask (B, S) True = ignore) -> (B, T, C);
+    with ``need_weights`` also the attention probabilities averaged over heads (B, T, S), computed
+    explicitly (the fused SDPA kernel does not return them)."""
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
@@ -65,13 +67,19 @@ class QKVAttention(nn.Module):
         self.h, self.drop = num_heads, dropout
         self.q, self.k, self.v, self.proj = (Linear(dim, dim) for _ in range(4))
 
-    def forward(self, q, k, v, key_padding_mask: Optional[torch.Tensor] = None):
+    def forward(self, q, k, v, key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False):
         B, T, C = q.shape
         split = lambda x: x.view(B, x.shape[1], self.h, C // self.h).transpose(1, 2)  # noqa: E731
         mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(split(self.q(q)), split(self.k(k)), split(self.v(v)), attn_mask=mask,
-                                             dropout_p=self.drop if self.training else 0.0)
-        return self.proj(out.transpose(1, 2).reshape(B, T, C))
+        q, k, v = split(self.q(q)), split(self.k(k)), split(self.v(v))
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+            probs = (scores if mask is None else scores.masked_fill(~mask, float("-inf"))).softmax(-1)
+            out = F.dropout(probs, self.drop, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.drop if self.training else 0.0)
+        out = self.proj(out.transpose(1, 2).reshape(B, T, C))
+        return (out, probs.mean(1)) if need_weights else out
 
 
 class FFN(nn.Sequential):
@@ -102,16 +110,22 @@ class DecoderLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, tgt, query_pos, memory, pos, pad):
+    def forward(self, tgt, query_pos, memory, pos, pad, need_weights: bool = False):
+        """-> tgt, or (tgt, cross-attention of each query over the memory (B, Q, S)) with ``need_weights``."""
         qk = tgt + query_pos
         tgt = self.norm1(tgt + self.drop(self.self_attn(qk, qk, tgt)))
-        tgt = self.norm2(tgt + self.drop(self.cross_attn(tgt + query_pos, memory + pos, memory, pad)))
-        return self.norm3(tgt + self.drop(self.ffn(tgt)))
+        cross = self.cross_attn(tgt + query_pos, memory + pos, memory, pad, need_weights=need_weights)
+        cross, weights = cross if need_weights else (cross, None)
+        tgt = self.norm2(tgt + self.drop(cross))
+        tgt = self.norm3(tgt + self.drop(self.ffn(tgt)))
+        return (tgt, weights) if need_weights else tgt
 
 
 class DETR(nn.Module):
     """forward(images (B, 3, H, W)) -> {"logits" (B, N, C+1), "boxes" (B, N, 4) cxcywh in [0, 1],
-    "aux_outputs": [{"logits", "boxes"}] of the earlier decoder layers}.
+    "aux_outputs": [{"logits", "boxes"}] of the earlier decoder layers}; with ``return_attention`` also
+    "cross_attention": per decoder layer the head-averaged attention of each object query over the
+    feature map (B, N, h * w), and "grid": (h, w), to see where each query looks (DETR's figure 6).
 
     ``backbone(images)`` must return a feature map (B, C_b, h, w) (see :class:`FeatureMap`)."""
 
@@ -134,7 +148,8 @@ class DETR(nn.Module):
                 nn.init.xavier_uniform_(p)  # as DETR's transformer
         nn.init.normal_(self.query_embed.weight)
 
-    def forward(self, images: torch.Tensor, pad_mask: Optional[torch.Tensor] = None) -> dict:
+    def forward(self, images: torch.Tensor, pad_mask: Optional[torch.Tensor] = None,
+                return_attention: bool = False) -> dict:
         fmap = self.input_proj(self.backbone(images))  # (B, d, h, w)
         B, d, h, w = fmap.shape
         mask = torch.zeros(B, h, w, dtype=torch.bool, device=fmap.device) if pad_mask is None else \
@@ -145,12 +160,17 @@ class DETR(nn.Module):
             memory = layer(memory, pos, pad)
         query_pos = self.query_embed.weight[None].expand(B, -1, -1)
         tgt = torch.zeros_like(query_pos)
-        outs = []
+        outs, attention = [], []
         for layer in self.decoder:
-            tgt = layer(tgt, query_pos, memory, pos, pad)
+            if return_attention:
+                tgt, weights = layer(tgt, query_pos, memory, pos, pad, need_weights=True)
+                attention.append(weights)
+            else:
+                tgt = layer(tgt, query_pos, memory, pos, pad)
             outs.append(self.decoder_norm(tgt))
         preds = [{"logits": self.class_embed(o), "boxes": self.bbox_embed(o).sigmoid()} for o in outs]
-        return {**preds[-1], "aux_outputs": preds[:-1] if self.cfg.aux_loss else []}
+        out = {**preds[-1], "aux_outputs": preds[:-1] if self.cfg.aux_loss else []}
+        return {**out, "cross_attention": attention, "grid": (h, w)} if return_attention else out
 
 
 class FeatureMap(nn.Module):
@@ -173,12 +193,13 @@ class FeatureMap(nn.Module):
 
 @torch.no_grad()
 def postprocess(outputs: dict, sizes: torch.Tensor, threshold: float = 0.0) -> list[dict]:
-    """Per image {"scores" (K,), "labels" (K,), "boxes" (K, 4) xyxy in pixels, clipped} of the predictions
-    whose best real class scores above ``threshold``; ``sizes`` (B, 2) = (height, width)."""
+    """Per image {"scores" (K,), "labels" (K,), "boxes" (K, 4) xyxy in pixels, clipped, "queries" (K,) the
+    object queries they come from} of the predictions whose best real class scores above ``threshold``;
+    ``sizes`` (B, 2) = (height, width)."""
     probs = outputs["logits"].softmax(-1)[..., :-1]
     scores, labels = probs.max(-1)
     h, w = sizes.unbind(-1)
     scale = torch.stack([w, h, w, h], dim=-1)[:, None].to(outputs["boxes"])
     boxes = torch.min(cxcywh_to_xyxy(outputs["boxes"]).clamp(min=0) * scale, scale)  # clipped to the image
-    return [{"scores": s[s > threshold], "labels": lab[s > threshold], "boxes": b[s > threshold]}
-            for s, lab, b in zip(scores, labels, boxes)]
+    return [{"scores": s[s > threshold], "labels": lab[s > threshold], "boxes": b[s > threshold],
+             "queries": torch.nonzero(s > threshold)[:, 0]} for s, lab, b in zip(scores, labels, boxes)]

@@ -200,7 +200,7 @@ def dense_stage(kind: str, cfg, run_dir: Path, rel: str, shown: int = 8) -> str:
     for i in range(shown):
         paths.append(folder / f"test{i}.png")
         world[i]["image"].save(paths[-1])
-    drawn = predict_dense(run_dir, paths, run_dir / "predictions", threshold=0.5)
+    drawn = predict_dense(run_dir, paths, run_dir / "predictions", threshold=0.5, attention=kind == "detr")
     from PIL import Image
 
     truth = [", ".join(o["shape"] for o in world[i]["objects"]) for i in range(shown)]
@@ -208,10 +208,14 @@ def dense_stage(kind: str, cfg, run_dir: Path, rel: str, shown: int = 8) -> str:
                           run_dir / "samples.png", width=40)
     title = "Detection: DETR" if kind == "detr" else "Semantic segmentation: Segmenter"
     what = "boxes scored above 0.5" if kind == "detr" else "predicted class masks"
+    looks = [d for d in drawn if d.get("detections")][:2]
+    attention = [f"Where each detection's object query looks (last decoder layer's cross-attention, one panel "
+                 f"per box):\n\n" + "\n\n".join(f"![attention]({rel}/{Path(d['attention_picture']).relative_to(run_dir)})"
+                                                for d in looks)] if looks else []
     return section(f"{title} on the synthetic world", f"Recipe: `{cfg.name}`. Run folder: `{rel}/`.",
                    markdown_table(["split", *keys], rows), training_table(result["summary"]),
                    f"Training curves (the loss, and the metrics at each evaluation):\n\n![curves]({rel}/curves.png)",
-                   f"Test images with the {what}:\n\n![samples]({rel}/{grid.name})")
+                   f"Test images with the {what}:\n\n![samples]({rel}/{grid.name})", *attention)
 
 
 def run_quickstart(out: Path, tiny: bool = False, overrides: list[str] = (), everything: bool = False) -> Path:
