@@ -113,6 +113,12 @@ def test_smollm2_chat_template_renders_turns_incrementally():
                               {"role": "assistant", "content": "circle"}])
     answer = enc.tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX])
     assert answer.strip() == "circle" and 2 in [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    assert "You are a helpful AI assistant" in enc.tok.decode(ids)  # the template's default system prompt
+    short = ConversationEncoder(enc.tok, enc.chat, 49152, 2, system="")
+    s_ids, s_labels = short.encode([{"role": "user", "content": "<image>\nwhat shape?"},
+                                    {"role": "assistant", "content": "circle"}])
+    assert "helpful" not in enc.tok.decode(s_ids) and len(s_ids) < len(ids) - 10
+    assert [i for i in s_labels if i != IGNORE_INDEX] == [i for i in labels if i != IGNORE_INDEX]
 
 
 def test_vqa_accuracy_follows_the_official_metric():

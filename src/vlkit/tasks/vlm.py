@@ -98,6 +98,7 @@ class VLMConfig:
         rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0), hflip=0.0, randaugment_num_ops=0))
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=40))
     max_length: int = 160  # tokens per training sequence (longer ones are cut, answers last)
+    system: Optional[str] = None  # system message before every conversation (None: the chat template's default)
     eval_batch_size: int = 32
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=64, epochs=2,
                                                                    warmup_steps=100, weight_decay=0.05))
@@ -115,12 +116,19 @@ class VLMConfig:
 class ConversationEncoder:
     """messages -> token ids with ``<image>`` expanded to the VLM's placeholders, and labels that
     keep only the assistant turns (each rendered by the chat template; ``eos_id`` appended after
-    each when the template has no end-of-turn token of its own)."""
+    each when the template has no end-of-turn token of its own). ``system``: a system message put
+    before every conversation that has none (None: the template's own default, if any)."""
 
     def __init__(self, tokenizer: TextTokenizer, chat: ChatTemplate, image_token_id: int, placeholders: int,
-                 eos_id: Optional[int] = None):
+                 eos_id: Optional[int] = None, system: Optional[str] = None):
         self.tok, self.chat, self.image_id, self.placeholders, self.eos_id = (tokenizer, chat, image_token_id,
                                                                               placeholders, eos_id)
+        self.system = system
+
+    def with_system(self, messages: list[dict]) -> list[dict]:
+        if self.system is None or (messages and messages[0]["role"] == "system"):
+            return messages
+        return [{"role": "system", "content": self.system}, *messages]
 
     def tokens(self, text: str) -> list[int]:
         ids = []
@@ -134,6 +142,7 @@ class ConversationEncoder:
     def encode(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
         """(ids, labels): every turn tokenised piece by piece as rendered, assistant pieces labelled;
         with ``add_generation_prompt`` the rest of the conversation and the assistant header follow."""
+        messages = self.with_system(messages)
         ids, labels, done = [], [], ""
         for k, m in enumerate(messages):
             if m["role"] != "assistant":
@@ -355,7 +364,7 @@ def score(answers: list[dict], captioning: bool) -> dict:
 def protocol(cfg: VLMConfig, encoder: ConversationEncoder, example: dict) -> dict:
     """How the scores were produced: decoding settings and the exact prompt of one sample."""
     g = cfg.generation
-    text = encoder.chat.render([m for m in example["messages"] if m["role"] != "assistant"][:1],
+    text = encoder.chat.render(encoder.with_system([m for m in example["messages"] if m["role"] != "assistant"][:1]),
                                add_generation_prompt=True)
     return {"decoding": "beam" if g.num_beams > 1 else ("sampling" if g.do_sample else "greedy"),
             "num_beams": g.num_beams, "max_new_tokens": g.max_new_tokens, "temperature": g.temperature,
@@ -384,7 +393,7 @@ def train(cfg: VLMConfig, run_dir: str | Path | None = None, resume: bool = Fals
                                           if not k.endswith("_all")})
     if is_main():
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    encoder = ConversationEncoder(tok, chat, model.image_token_id, model.placeholders_per_image(), eos)
+    encoder = ConversationEncoder(tok, chat, model.image_token_id, model.placeholders_per_image(), eos, cfg.system)
     evals = {k: _wrap(v, cfg, False) for k, v in evals_raw.items()}
     first = next(iter(evals), None)
     eval_fn = (lambda m: score(generate_answers(m, evals[first], encoder, cfg), is_captioning(cfg, first))) \
@@ -481,7 +490,8 @@ def load_vlm(path: str | Path) -> tuple[VLM, VLMConfig, ConversationEncoder]:
     model = build_vlm(cfg)
     load_weights(model, folder)
     tok, chat, eos = build_text(cfg, folder, None)
-    return model.eval(), cfg, ConversationEncoder(tok, chat, model.image_token_id, model.placeholders_per_image(), eos)
+    encoder = ConversationEncoder(tok, chat, model.image_token_id, model.placeholders_per_image(), eos, cfg.system)
+    return model.eval(), cfg, encoder
 
 
 def _image_tensor(path, cfg: VLMConfig) -> torch.Tensor:
