@@ -209,8 +209,8 @@ def dense_stage(kind: str, cfg, run_dir: Path, rel: str, shown: int = 8) -> str:
     title = "Detection: DETR" if kind == "detr" else "Semantic segmentation: Segmenter"
     what = "boxes scored above 0.5" if kind == "detr" else "predicted class masks"
     looks = [d for d in drawn if d.get("detections")][:2]
-    attention = [f"Where each detection's object query looks (last decoder layer's cross-attention, one panel "
-                 f"per box):\n\n" + "\n\n".join(f"![attention]({rel}/{Path(d['attention_picture']).relative_to(run_dir)})"
+    attention = ["Where each detection's object query looks (last decoder layer's cross-attention, one panel "
+                 "per box):\n\n" + "\n\n".join(f"![attention]({rel}/{Path(d['attention_picture']).relative_to(run_dir)})"
                                                 for d in looks)] if looks else []
     return section(f"{title} on the synthetic world", f"Recipe: `{cfg.name}`. Run folder: `{rel}/`.",
                    markdown_table(["split", *keys], rows), training_table(result["summary"]),
