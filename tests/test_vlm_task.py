@@ -81,10 +81,16 @@ def test_every_vlm_recipe_builds_and_trains_on_tiny_sizes(tmp_path, recipe):
     assert (tmp_path / recipe / "eval.json").is_file()
 
 
+def tiny_encoder() -> ConversationEncoder:
+    """A BPE trained on a few words, image id 999 with 3 placeholders per image."""
+    tok = train_bpe(["what colour is the circle red blue green end yes no a b c"] * 4, vocab_size=520)
+    return ConversationEncoder(tok, ChatTemplate(SCRATCH_TEMPLATE), image_token_id=999, placeholders=3,
+                               eos_id=tok.eos_id)
+
+
 def test_conversation_labels_cover_assistant_turns_only():
-    tok = train_bpe(["what colour is the circle red blue yes no a b c"] * 4, vocab_size=520)
-    enc = ConversationEncoder(tok, ChatTemplate(SCRATCH_TEMPLATE), image_token_id=999, placeholders=3,
-                              eos_id=tok.eos_id)
+    enc = tiny_encoder()
+    tok = enc.tok
     messages = [{"role": "user", "content": "<image>\nwhat colour?"}, {"role": "assistant", "content": "red"},
                 {"role": "user", "content": "and now?"}, {"role": "assistant", "content": "blue"}]
     ids, labels = enc.encode(messages)

@@ -63,9 +63,12 @@ class TransformedDataset(Dataset):
             return None
         sample = dict(sample)
         sample["index"] = index
-        if self.transform is not None and "image" in sample:
+        if self.transform is not None and ("image" in sample or "images" in sample):
             g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
-            sample["image"] = self.transform(sample["image"], g)
+            if "image" in sample:
+                sample["image"] = self.transform(sample["image"], g)
+            else:  # several images (a document, a multi-image conversation): one generator, in order
+                sample["images"] = [self.transform(im, g) for im in sample["images"]]
         return sample
 
     def __getattr__(self, name: str):  # expose e.g. .classes of the base dataset

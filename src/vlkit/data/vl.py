@@ -9,7 +9,10 @@ compares generations with. Sources:
 - easy-VQA (ASSETS.md): 64x64 shapes, 13 one-word answers;
 - COCO-format caption JSON (``images`` + ``annotations``) with an image folder;
 - LLaVA-style conversation JSON: ``[{"id", "image", "conversations": [{"from": "human" | "gpt",
-  "value"}]}]``, several turns.
+  "value"}]}]``, several turns; ``"image"`` may be a list (several ``<image>`` marks, in order);
+- interleaved image-text documents (OBELICS / MMC4, Idefics2's pre-training): :class:`InterleavedDocuments`.
+Samples with several images carry ``"images"`` (a list, in order of their ``<image>`` marks) instead
+of ``"image"``; a document is one message of role ``"document"``, all of its text trained on.
 Unreadable images give ``None`` (counted and skipped by the collate), never a crash.
 """
 from __future__ import annotations
@@ -165,11 +168,62 @@ class LlavaConversations(Dataset):
 
     def __getitem__(self, i: int) -> Optional[dict]:
         r = self.rows[i]
-        image = _load(self.root / r["image"])
-        if image is None:
+        several = isinstance(r["image"], list)
+        images = [_load(self.root / p) for p in (r["image"] if several else [r["image"]])]
+        if any(im is None for im in images):
             return None
         messages = [{"role": self.ROLES[t["from"]], "content": t["value"]} for t in r["conversations"]]
-        if not any(IMAGE in m["content"] for m in messages):
-            messages[0]["content"] = f"{IMAGE}\n{messages[0]['content']}"
+        marks = sum(m["content"].count(IMAGE) for m in messages)
+        if not marks:
+            messages[0]["content"] = IMAGE * len(images) + f"\n{messages[0]['content']}"
+        elif marks != len(images):
+            raise ValueError(f"sample {r.get('id', i)!r}: {marks} {IMAGE} marks for {len(images)} images")
         answers = [m["content"] for m in messages if m["role"] == "assistant"]
-        return {"image": image, "messages": messages, "references": answers[-1:], "id": str(r.get("id", i))}
+        sample = {"messages": messages, "references": answers[-1:], "id": str(r.get("id", i))}
+        return sample | ({"images": images} if several else {"image": images[0]})
+
+
+class InterleavedDocuments(Dataset):
+    """Interleaved image-text documents, the web-document data of Flamingo (M3W), MMC4 and OBELICS
+    (Idefics2's pre-training). A JSON list or a JSON-lines file of documents, each either
+    OBELICS-style parallel lists ``{"texts": [str | null], "images": [path | null]}`` (every position
+    holds a text or an image) or ``{"text": "... <image> ...", "images": [paths]}``. A sample is
+    ``{"images": [PIL], "messages": [{"role": "document", "content": text with <image> marks}]}``;
+    a document with an unreadable image is ``None`` (counted), one without text is dropped at load."""
+
+    def __init__(self, path: str | Path, image_root: str | Path):
+        path = Path(path)
+        raw = path.read_text()
+        docs = json.loads(raw) if raw.lstrip().startswith("[") else [json.loads(x) for x in raw.splitlines()
+                                                                      if x.strip()]
+        self.root, self.docs = Path(image_root), []
+        for k, doc in enumerate(docs):
+            text, images = self.parse(doc, f"{path}: document {k}")
+            if text.replace(IMAGE, "").strip():
+                self.docs.append((text, images, str(doc.get("id", k))))
+        if len(self.docs) < len(docs):
+            log.warning("%s: %d documents without text skipped", path, len(docs) - len(self.docs))
+
+    @staticmethod
+    def parse(doc: dict, where: str) -> tuple[str, list[str]]:
+        if "texts" in doc:
+            texts, images = doc["texts"], doc.get("images", [])
+            if len(texts) != len(images) or any((t is None) == (p is None) for t, p in zip(texts, images)):
+                raise ValueError(f"{where}: texts and images must be parallel lists, one of the two set per position")
+            text = "".join(IMAGE if t is None else t for t in texts)
+            return text, [p for p in images if p is not None]
+        text, images = str(doc.get("text", "")), list(doc.get("images", []))
+        if text.count(IMAGE) != len(images):
+            raise ValueError(f"{where}: {text.count(IMAGE)} {IMAGE} marks for {len(images)} images")
+        return text, images
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, i: int) -> Optional[dict]:
+        text, paths, doc_id = self.docs[i]
+        images = [_load(self.root / p) for p in paths]
+        if any(im is None for im in images):
+            return None
+        return {"images": images, "messages": [{"role": "document", "content": text}], "references": [],
+                "id": doc_id}

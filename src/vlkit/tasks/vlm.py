@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -27,7 +28,8 @@ from vlkit.data.base import TransformedDataset, collate
 from vlkit.data.chat import ChatTemplate
 from vlkit.data.tokenizers import TextTokenizer, train_bpe
 from vlkit.data.transforms import TransformConfig, build_transform
-from vlkit.data.vl import IMAGE, CocoCaptions, EasyVQA, Interleave, LlavaConversations, WorldCaptions, WorldVQA
+from vlkit.data.vl import IMAGE, CocoCaptions, EasyVQA, Interleave, InterleavedDocuments, LlavaConversations, \
+    WorldCaptions, WorldVQA
 from vlkit.data.world import WorldConfig
 from vlkit.decoders.causal_lm import CausalLM, DecoderConfig
 from vlkit.decoders.generate import GenerationConfig, left_pad
@@ -67,12 +69,13 @@ class DecoderSource:
 
 @dataclass
 class VLMDataConfig:
-    dataset: Literal["world_caption", "world_vqa", "world_mix", "easy_vqa", "coco", "llava"] = "world_caption"
+    dataset: Literal["world_caption", "world_vqa", "world_mix", "easy_vqa", "coco", "llava", "documents"] = \
+        "world_caption"  # documents: interleaved image-text documents (OBELICS-style), scored by perplexity
     world: WorldConfig = field(default_factory=lambda: WorldConfig(image_size=32))
     train_limit: int = 0  # 0 = all (world: world.train_length scenes)
     eval_limit: int = 200  # samples of each evaluated split
     qa_per_scene: int = 4  # world_vqa
-    train: str = ""  # coco / llava: annotation JSON of the training split
+    train: str = ""  # coco / llava / documents: annotation JSON (documents: or JSON lines) of the training split
     val: str = ""
     image_root: str = ""  # coco / llava: folder the image paths are relative to
 
@@ -141,7 +144,13 @@ class ConversationEncoder:
 
     def encode(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
         """(ids, labels): every turn tokenised piece by piece as rendered, assistant pieces labelled;
-        with ``add_generation_prompt`` the rest of the conversation and the assistant header follow."""
+        with ``add_generation_prompt`` the rest of the conversation and the assistant header follow.
+        A document (one message of role ``"document"``) is plain text, no template: every text token and
+        the closing eos are labelled, the image placeholders are not."""
+        if messages and messages[0]["role"] == "document":
+            eos = self.eos_id if self.eos_id is not None else self.tok.eos_id
+            ids = self.tokens(messages[0]["content"]) + ([] if eos is None else [eos])
+            return ids, [IGNORE_INDEX if i == self.image_id else i for i in ids]
         messages = self.with_system(messages)
         ids, labels, done = [], [], ""
         for k, m in enumerate(messages):
@@ -178,8 +187,9 @@ def build_datasets(cfg: VLMConfig) -> tuple[Dataset, dict[str, Dataset]]:
         return EasyVQA("train", limit), {"test": EasyVQA("test", d.eval_limit)}
     if not d.train or not d.image_root:
         raise ConfigError("data.train", f"dataset={d.dataset} needs data.train (JSON) and data.image_root")
-    kind = (lambda p: CocoCaptions(p, d.image_root, cfg.train.seed)) if d.dataset == "coco" else \
-        (lambda p: LlavaConversations(p, d.image_root))
+    kind = {"coco": lambda p: CocoCaptions(p, d.image_root, cfg.train.seed),
+            "llava": lambda p: LlavaConversations(p, d.image_root),
+            "documents": lambda p: InterleavedDocuments(p, d.image_root)}[d.dataset]
     return kind(d.train), ({"val": limit_dataset(kind(d.val), d.eval_limit)} if d.val else {})
 
 
@@ -312,16 +322,67 @@ def pad_right(rows: list[tuple[list[int], list[int]]], max_length: int, pad_id: 
     return ids, mask, labels
 
 
+def sample_images(batch: dict, i: int) -> list[torch.Tensor]:
+    """The images of sample ``i`` of a collated batch, in order (``"image"`` or ``"images"``)."""
+    if "images" in batch:
+        return list(batch["images"][i])
+    return [batch["image"][i]] if "image" in batch else []
+
+
+def fit_images(ids: list[int], labels: list[int], image_id: int, per_image: int, max_length: int
+               ) -> tuple[list[int], list[int], int]:
+    """Cut a row to ``max_length`` tokens without splitting an image's placeholders: the cut moves
+    before the first image that would not fit whole. -> (ids, labels, images kept)."""
+    ids, labels = ids[:max_length], labels[:max_length]
+    positions = [k for k, t in enumerate(ids) if t == image_id]
+    whole, rest = divmod(len(positions), per_image)
+    if rest:
+        cut = positions[whole * per_image]
+        ids, labels = ids[:cut], labels[:cut]
+    return ids, labels, whole
+
+
+def encode_batch(batch: dict, encoder: ConversationEncoder, max_length: int):
+    """(rows [(ids, labels)], images (M, C, H, W) or None): long documents lose the images cut off;
+    a conversation whose images do not fit is a configuration error."""
+    rows, images = [], []
+    for i, messages in enumerate(batch["messages"]):
+        mine = sample_images(batch, i)
+        ids, labels, kept = fit_images(*encoder.encode(messages), encoder.image_id, encoder.placeholders, max_length)
+        if kept < len(mine) and messages[0]["role"] != "document":
+            raise ValueError(f"max_length {max_length} cuts image placeholders: raise it")
+        rows.append((ids, labels))
+        images += mine[:kept]
+    return rows, (torch.stack(images) if images else None)
+
+
 def objective_fn(encoder: ConversationEncoder, max_length: int):
     def objective(model: VLM, batch: dict) -> dict:
-        rows = [encoder.encode(m) for m in batch["messages"]]
+        rows, images = encode_batch(batch, encoder, max_length)
         ids, mask, labels = pad_right(rows, max_length, encoder.tok.pad_id)
-        dev = batch["image"].device
-        if int((ids == encoder.image_id).sum()) != len(rows) * encoder.placeholders:
-            raise ValueError(f"max_length {max_length} cuts image placeholders: raise it")
-        out = model(ids.to(dev), mask.to(dev), batch["image"], labels.to(dev))
+        dev = next(model.parameters()).device
+        out = model(ids.to(dev), mask.to(dev), None if images is None else images.to(dev), labels.to(dev))
         return {"loss": out["loss"]}
     return objective
+
+
+@torch.no_grad()
+def document_loss(model: VLM, dataset: Dataset, encoder: ConversationEncoder, cfg: VLMConfig) -> dict:
+    """Language-modelling loss per text token and perplexity on held-out documents."""
+    model.eval()
+    dev = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for batch in DataLoader(dataset, batch_size=cfg.eval_batch_size, collate_fn=collate):
+        if "messages" not in batch:
+            continue
+        rows, images = encode_batch(batch, encoder, cfg.max_length)
+        ids, mask, labels = pad_right(rows, cfg.max_length, encoder.tok.pad_id)
+        n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        out = model(ids.to(dev), mask.to(dev), None if images is None else images.to(dev), labels.to(dev))
+        total, tokens = total + float(out["loss"]) * n, tokens + n
+    if not tokens:
+        raise ValueError("nothing to score: no readable document with text")
+    return {"loss": total / tokens, "perplexity": math.exp(total / tokens), "tokens": tokens}
 
 
 def _decode(tok: TextTokenizer, ids: list[int]) -> str:
@@ -335,15 +396,26 @@ def generate_answers(model: VLM, dataset: Dataset, encoder: ConversationEncoder,
     device = next(model.parameters()).device
     out = []
     for batch in DataLoader(dataset, batch_size=cfg.eval_batch_size, collate_fn=collate):
-        if "image" not in batch:
+        if "messages" not in batch:
             continue
         ids, mask = left_pad([encoder.prompt(m) for m in batch["messages"]], encoder.tok.pad_id)
-        new = model.generate(ids.to(device), mask.to(device), batch["image"].to(device), cfg.generation)
+        images = [im for i in range(len(ids)) for im in sample_images(batch, i)]
+        images = torch.stack(images).to(device) if images else None
+        new = model.generate(ids.to(device), mask.to(device), images, cfg.generation)
         for i, row in enumerate(new.tolist()):
             out.append({"id": batch["id"][i], "prediction": _decode(encoder.tok, row),
                         "references": batch["references"][i],
                         "question_type": batch["question_type"][i] if "question_type" in batch else ""})
     return out
+
+
+def evaluate_split(model: VLM, dataset: Dataset, encoder: ConversationEncoder, cfg: VLMConfig, name: str
+                   ) -> tuple[dict, list[dict]]:
+    """(metrics, generated answers): perplexity for documents, else generations scored as the split asks."""
+    if cfg.data.dataset == "documents":
+        return document_loss(model, dataset, encoder, cfg), []
+    answers = generate_answers(model, dataset, encoder, cfg)
+    return score(answers, is_captioning(cfg, name)), answers
 
 
 def score(answers: list[dict], captioning: bool) -> dict:
@@ -363,6 +435,8 @@ def score(answers: list[dict], captioning: bool) -> dict:
 
 def protocol(cfg: VLMConfig, encoder: ConversationEncoder, example: dict) -> dict:
     """How the scores were produced: decoding settings and the exact prompt of one sample."""
+    if cfg.data.dataset == "documents":
+        return {"scored": "loss and perplexity of the text tokens (teacher forcing)", "max_length": cfg.max_length}
     g = cfg.generation
     text = encoder.chat.render(encoder.with_system([m for m in example["messages"] if m["role"] != "assistant"][:1]),
                                add_generation_prompt=True)
@@ -396,8 +470,7 @@ def train(cfg: VLMConfig, run_dir: str | Path | None = None, resume: bool = Fals
     encoder = ConversationEncoder(tok, chat, model.image_token_id, model.placeholders_per_image(), eos, cfg.system)
     evals = {k: _wrap(v, cfg, False) for k, v in evals_raw.items()}
     first = next(iter(evals), None)
-    eval_fn = (lambda m: score(generate_answers(m, evals[first], encoder, cfg), is_captioning(cfg, first))) \
-        if first is not None else None
+    eval_fn = (lambda m: evaluate_split(m, evals[first], encoder, cfg, first)[0]) if first is not None else None
     trainer = Trainer(model, objective_fn(encoder, cfg.max_length), _wrap(train_raw, cfg, True), cfg.train, run_dir,
                       eval_fn=eval_fn)
     summary = trainer.fit(resume=resume)
@@ -409,8 +482,7 @@ def train(cfg: VLMConfig, run_dir: str | Path | None = None, resume: bool = Fals
             tok.save(run_dir / "model" / "tokenizer")  # the model folder is usable on its own
         result["eval"], samples = {}, {}
         for name, ds in evals.items():
-            answers = generate_answers(model, ds, encoder, cfg)
-            result["eval"][name] = score(answers, is_captioning(cfg, name))
+            result["eval"][name], answers = evaluate_split(model, ds, encoder, cfg, name)
             samples[name] = answers[:50]
         result["protocol"] = protocol(cfg, encoder, evals_raw[next(iter(evals_raw))][0]) if evals else {}
         (run_dir / "eval.json").write_text(json.dumps({"train": summary, "eval": result["eval"],
