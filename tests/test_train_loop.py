@@ -215,6 +215,36 @@ def test_repeated_aug_sampler_spreads_copies_and_is_world_size_invariant():
     assert data.epoch == 2 and view[53]["label"] == data[5]["label"]
 
 
+def test_length_grouped_sampler_cuts_padding_and_stays_random_and_resumable(tmp_path):
+    from vlkit.train.sampler import LengthGroupedSampler
+
+    lengths = torch.randint(5, 200, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    padding = lambda order: sum(8 * max(lengths[i] for i in order[j:j + 8]) - sum(lengths[i] for i in order[j:j + 8])
+                                for j in range(0, len(order), 8))  # noqa: E731
+    plain, grouped = ResumableSampler(400, seed=1, batch_size=8), LengthGroupedSampler(lengths, seed=1, batch_size=8,
+                                                                                       group=10)
+    for s in (plain, grouped):
+        s.set_epoch(0)
+    order = list(grouped)
+    assert sorted(order) == list(range(400)) and padding(order) < 0.2 * padding(list(plain))
+    grouped.set_epoch(1)
+    second = list(grouped)
+    assert second != order and {frozenset(second[j:j + 8]) for j in range(0, 400, 8)} != \
+        {frozenset(order[j:j + 8]) for j in range(0, 400, 8)}  # batches are new groupings each epoch
+    grouped.set_epoch(0)
+    firsts = [lengths[order[j]] for j in range(0, 400, 8)]
+    assert firsts != sorted(firsts, reverse=True)  # batch order shuffled, not longest first overall
+    grouped.set_start(7)
+    assert list(grouped) == order[56:]
+    two = [LengthGroupedSampler(lengths, 2, r, seed=1, batch_size=8, group=10) for r in (0, 1)]
+    parts = [list(s) for s in two]
+    assert parts[0][:4] + parts[1][:4] == order[:8]
+    with pytest.raises(ConfigError, match="group_by_length"):
+        Trainer(make_model(0.0), objective, TransformedDataset(Points(), None), cfg(group_by_length=4), tmp_path)
+    with pytest.raises(ConfigError, match="group_by_length"):
+        TrainConfig(group_by_length=2, repeated_aug=3)
+
+
 def test_repeated_aug_in_the_trainer(tmp_path):
     summary = Trainer(make_model(0.0), objective, TransformedDataset(Points(), jitter, seed=0),
                       cfg(max_steps=8, repeated_aug=3), tmp_path).fit()

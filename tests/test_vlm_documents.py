@@ -89,7 +89,10 @@ def test_training_on_documents_and_multi_image_conversations(tmp_path, style):
     common = [*TINY, *SCRATCH, *WORLD, "vision.vit.image_size=16", "transform.image_size=16",
               f"data.image_root={tmp_path}", f"injection.style={style}"]
     assert main(["train", "vlm_world_caption", *common, "data.dataset=documents", f"data.train={tmp_path / 'docs.json'}",
-                 f"data.val={tmp_path / 'docs.json'}", "--run-dir", str(run)]) == 0
+                 f"data.val={tmp_path / 'docs.json'}", "train.group_by_length=2", "train.log_every=1",
+                 "--run-dir", str(run)]) == 0
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(0 <= m.get("padding", -1) < 1 for m in logged)  # the share of padded positions is logged
     doc = json.loads((run / "eval.json").read_text())
     assert doc["eval"]["val"]["perplexity"] > 1 and doc["eval"]["val"]["tokens"] > 0
     assert "perplexity" in doc["protocol"]["scored"]

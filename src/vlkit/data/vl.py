@@ -102,6 +102,11 @@ class EasyVQA(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def messages(self, i: int) -> list[dict]:
+        """Sample ``i``'s conversation without loading its image (lengths for length-grouped batching)."""
+        question, answer, _ = self.rows[i]
+        return single_turn(None, question, answer, [], "")["messages"]
+
     def __getitem__(self, i: int) -> Optional[dict]:
         question, answer, image_id = self.rows[i]
         image = _load(self.paths[image_id])
@@ -139,14 +144,20 @@ class CocoCaptions(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def _pick(self, i: int) -> str:
+        refs = self.caps[self.images[i]["id"]]
+        return refs[sample_seed(self.seed, self.epoch, i) % len(refs)]
+
+    def messages(self, i: int) -> list[dict]:
+        """Sample ``i``'s conversation without loading its image (lengths for length-grouped batching)."""
+        return single_turn(None, CAPTION_PROMPT, self._pick(i), [], "")["messages"]
+
     def __getitem__(self, i: int) -> Optional[dict]:
         info = self.images[i]
         image = _load(self.root / info["file_name"])
         if image is None:
             return None
-        refs = self.caps[info["id"]]
-        pick = refs[sample_seed(self.seed, self.epoch, i) % len(refs)]
-        return single_turn(image, CAPTION_PROMPT, pick, refs, str(info["id"]))
+        return single_turn(image, CAPTION_PROMPT, self._pick(i), self.caps[info["id"]], str(info["id"]))
 
 
 class LlavaConversations(Dataset):
@@ -166,18 +177,28 @@ class LlavaConversations(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> Optional[dict]:
-        r = self.rows[i]
-        several = isinstance(r["image"], list)
-        images = [_load(self.root / p) for p in (r["image"] if several else [r["image"]])]
-        if any(im is None for im in images):
-            return None
+    def _paths(self, i: int) -> list[str]:
+        image = self.rows[i]["image"]
+        return image if isinstance(image, list) else [image]
+
+    def messages(self, i: int) -> list[dict]:
+        """Sample ``i``'s turns, ``<image>`` marks put first when it has none (no image is loaded)."""
+        r, n = self.rows[i], len(self._paths(i))
         messages = [{"role": self.ROLES[t["from"]], "content": t["value"]} for t in r["conversations"]]
         marks = sum(m["content"].count(IMAGE) for m in messages)
         if not marks:
-            messages[0]["content"] = IMAGE * len(images) + f"\n{messages[0]['content']}"
-        elif marks != len(images):
-            raise ValueError(f"sample {r.get('id', i)!r}: {marks} {IMAGE} marks for {len(images)} images")
+            messages[0]["content"] = IMAGE * n + f"\n{messages[0]['content']}"
+        elif marks != n:
+            raise ValueError(f"sample {r.get('id', i)!r}: {marks} {IMAGE} marks for {n} images")
+        return messages
+
+    def __getitem__(self, i: int) -> Optional[dict]:
+        r = self.rows[i]
+        several = isinstance(r["image"], list)
+        images = [_load(self.root / p) for p in self._paths(i)]
+        if any(im is None for im in images):
+            return None
+        messages = self.messages(i)
         answers = [m["content"] for m in messages if m["role"] == "assistant"]
         sample = {"messages": messages, "references": answers[-1:], "id": str(r.get("id", i))}
         return sample | ({"images": images} if several else {"image": images[0]})
@@ -220,10 +241,12 @@ class InterleavedDocuments(Dataset):
     def __len__(self) -> int:
         return len(self.docs)
 
+    def messages(self, i: int) -> list[dict]:
+        return [{"role": "document", "content": self.docs[i][0]}]
+
     def __getitem__(self, i: int) -> Optional[dict]:
-        text, paths, doc_id = self.docs[i]
+        _, paths, doc_id = self.docs[i]
         images = [_load(self.root / p) for p in paths]
         if any(im is None for im in images):
             return None
-        return {"images": images, "messages": [{"role": "document", "content": text}], "references": [],
-                "id": doc_id}
+        return {"images": images, "messages": self.messages(i), "references": [], "id": doc_id}

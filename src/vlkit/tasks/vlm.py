@@ -362,8 +362,18 @@ def objective_fn(encoder: ConversationEncoder, max_length: int):
         ids, mask, labels = pad_right(rows, max_length, encoder.tok.pad_id)
         dev = next(model.parameters()).device
         out = model(ids.to(dev), mask.to(dev), None if images is None else images.to(dev), labels.to(dev))
-        return {"loss": out["loss"]}
+        return {"loss": out["loss"], "padding": 1.0 - mask.float().mean().item()}  # share of padded positions
     return objective
+
+
+def sample_lengths(dataset: Dataset, encoder: ConversationEncoder, max_length: int) -> list[int]:
+    """Tokens of every training sample (text and image placeholders, cut to ``max_length``), for
+    ``train.group_by_length``; datasets with ``messages(i)`` answer without loading their images."""
+    lengths = []
+    for i in range(len(dataset)):
+        messages = dataset.messages(i) if hasattr(dataset, "messages") else (dataset[i] or {}).get("messages")
+        lengths.append(min(max_length, len(encoder.encode(messages)[0])) if messages else 0)
+    return lengths
 
 
 @torch.no_grad()
@@ -471,8 +481,9 @@ def train(cfg: VLMConfig, run_dir: str | Path | None = None, resume: bool = Fals
     evals = {k: _wrap(v, cfg, False) for k, v in evals_raw.items()}
     first = next(iter(evals), None)
     eval_fn = (lambda m: evaluate_split(m, evals[first], encoder, cfg, first)[0]) if first is not None else None
+    lengths = sample_lengths(train_raw, encoder, cfg.max_length) if cfg.train.group_by_length else None
     trainer = Trainer(model, objective_fn(encoder, cfg.max_length), _wrap(train_raw, cfg, True), cfg.train, run_dir,
-                      eval_fn=eval_fn)
+                      eval_fn=eval_fn, lengths=lengths)
     summary = trainer.fit(resume=resume)
     model = trainer.final_model()
     result = {"run_dir": str(run_dir), "summary": summary}

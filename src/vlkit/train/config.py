@@ -64,6 +64,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the (DDP-wrapped) model
     param_groups: list[ParamGroupConfig] = field(default_factory=list)  # first match wins; lr_scale 0 freezes
     repeated_aug: int = 1  # DeiT repeated augmentation: each image k times per epoch (epoch length unchanged)
+    group_by_length: int = 0  # > 0: batches of similar-length samples, sorted within groups of this many batches
     num_workers: int = 0  # DataLoader worker processes (0 = load in the training process)
     seed: int = 0  # seeds data order, augmentation, batch transforms, dropout: a run is a function of its seed
     log_every: int = 20  # optimizer steps between metrics.jsonl lines
@@ -98,6 +99,10 @@ class TrainConfig:
             raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError("warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
+        if self.group_by_length < 0:
+            raise ConfigError("group_by_length", f"must be >= 0, got {self.group_by_length}")
+        if self.group_by_length and self.repeated_aug > 1:
+            raise ConfigError("group_by_length", "length grouping and repeated augmentation do not combine")
         if self.warmup_fraction > 0 and self.warmup_steps > 0:
             raise ConfigError("warmup_fraction", "set warmup_steps or warmup_fraction, not both")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

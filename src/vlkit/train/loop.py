@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ from vlkit.train.checkpoint import find_latest, load_checkpoint, remove_partial,
 from vlkit.train.config import TrainConfig
 from vlkit.train.ema import ModelEMA
 from vlkit.train.optim import build_optimizer, lr_at, set_lr
-from vlkit.train.sampler import RepeatedAugSampler, RepeatedCopies, ResumableSampler
+from vlkit.train.sampler import LengthGroupedSampler, RepeatedAugSampler, RepeatedCopies, ResumableSampler
 
 log = logging.getLogger(__name__)
 
@@ -84,19 +84,20 @@ class Trainer:
     batch (already on the device) with a CPU ``torch.Generator`` seeded from (seed, step, rank); ``objective`` returns
     ``{"loss": 0-d tensor, <name>: 0-d tensor or float, ...}``, all logged; ``eval_fn(model) ->
     {name: float}`` runs on the main process (on every process if ``eval_fn.all_ranks`` is True) every
-    ``cfg.eval_every`` steps and at the end, on the EMA weights when EMA is on.
+    ``cfg.eval_every`` steps and at the end, on the EMA weights when EMA is on. ``lengths``: each
+    sample's length (e.g. its tokens), for ``cfg.group_by_length``.
     """
 
     def __init__(self, model: nn.Module, objective: Objective, train_data, cfg: TrainConfig, run_dir: str | Path,
                  eval_fn: Optional[EvalFn] = None, collate_fn: Callable = collate,
-                 batch_transform: Optional[BatchTransform] = None):
+                 batch_transform: Optional[BatchTransform] = None, lengths: Optional[Sequence[int]] = None):
         self.cfg, self.run_dir, self.ckpt_dir = cfg, Path(run_dir), Path(run_dir) / "checkpoints"
         self.objective, self.train_data, self.eval_fn = objective, train_data, eval_fn
         self.collate_fn, self.batch_transform = collate_fn, batch_transform
         self.rank, self.world = dist.rank(), dist.world_size()
         self._check_batch(len(train_data))
         self.data = RepeatedCopies(train_data, cfg.repeated_aug) if cfg.repeated_aug > 1 else train_data
-        self.sampler = self._make_sampler(len(train_data))
+        self.sampler = self._make_sampler(len(train_data), lengths)
         self.steps_per_epoch = self.sampler.batches_per_epoch()
         self.total_steps = cfg.total_steps(self.steps_per_epoch)
         self.device = dist.device()
@@ -126,9 +127,13 @@ class Trainer:
         if cfg.batch_size > length:
             raise ConfigError("batch_size", f"global batch {cfg.batch_size} exceeds the {length} training samples")
 
-    def _make_sampler(self, length: int) -> ResumableSampler:
+    def _make_sampler(self, length: int, lengths: Optional[Sequence[int]]) -> ResumableSampler:
         kw = dict(num_replicas=self.world, rank=self.rank, seed=self.cfg.seed, shuffle=True, drop_last=True,
                   batch_size=self.cfg.batch_size)
+        if self.cfg.group_by_length:
+            if lengths is None or len(lengths) != length:
+                raise ConfigError("group_by_length", "this task gives no sample lengths to group by")
+            return LengthGroupedSampler(lengths, group=self.cfg.group_by_length, **kw)
         if self.cfg.repeated_aug > 1:
             return RepeatedAugSampler(length, repeats=self.cfg.repeated_aug, encode_copies=True, **kw)
         return ResumableSampler(length, **kw)

@@ -10,6 +10,8 @@ the samples one process with batch B consumes, and a resume at step s restarts a
 - :class:`ResumableSampler`: rank r takes the contiguous slice ``[r*B/W, (r+1)*B/W)`` of each
   global batch, so 2 ranks x B/2 see the same micro-batches as 1 rank x B with 2 accumulation steps.
   With ``batch_size=None`` (B = W) this is the familiar ``order[rank::W]`` sharding.
+- :class:`LengthGroupedSampler`: global batches of samples of similar length (less padding for
+  sequence models), in a random order: still a function of (seed, epoch).
 - :class:`RepeatedAugSampler` (Hoffer et al. 2020, "Augment your batch"; DeiT's ``RASampler``): a
   permutation of ceil(n / k) images, each repeated k times in a row, truncated to n per epoch; rank r
   takes elements ``r::W`` of each global batch, so the copies of an image go to different ranks.
@@ -90,6 +92,31 @@ class ResumableSampler(Sampler[int]):
         if rest and not self.drop_last and self.start <= full:
             n += -(-rest // self.num_replicas)
         return n
+
+
+class LengthGroupedSampler(ResumableSampler):
+    """Length-grouped batching (as transformers' ``group_by_length``): the epoch's random permutation
+    is cut into mega-batches of ``group`` global batches, each sorted by ``lengths`` (longest first)
+    and cut into global batches, whose order is then shuffled. A batch holds samples of similar
+    length, so little of it is padding, while which samples meet still changes every epoch."""
+
+    def __init__(self, lengths, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = True, batch_size: int | None = None, group: int = 50):
+        super().__init__(len(lengths), num_replicas, rank, seed, shuffle, drop_last, batch_size)
+        if group < 1:
+            raise ValueError(f"group must be >= 1 global batches, got {group}")
+        self.lengths, self.group = torch.as_tensor(lengths, dtype=torch.long), group
+
+    def global_order(self) -> torch.Tensor:
+        order = super().global_order()
+        mega = self.batch_size * self.group
+        order = torch.cat([c[torch.sort(self.lengths[c], descending=True, stable=True).indices]
+                           for c in order.split(mega)])
+        full = len(order) // self.batch_size * self.batch_size
+        batches = order[:full].view(-1, self.batch_size)
+        g = torch.Generator().manual_seed(sample_seed(self.seed ^ 0x1E96, self.epoch, 0))
+        shuffled = batches[torch.randperm(len(batches), generator=g)] if self.shuffle else batches
+        return torch.cat([shuffled.flatten(), order[full:]])
 
 
 class RepeatedAugSampler(ResumableSampler):
