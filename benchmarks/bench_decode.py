@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_decode.py                        # SmolLM2-135M GGUF, CPU, batch 1 and 8
     .venv/bin/python benchmarks/bench_decode.py --batches 1 --new-tokens 32 --rounds 2
+    .venv/bin/python benchmarks/bench_decode.py --precisions fp32,int8    # also int8 weights on both sides
 
 Both models come from the SmolLM2-135M-Instruct GGUF of ASSETS.md, dequantised to float32
 (vlkit: ``vlkit.load``; transformers: ``from_pretrained(gguf_file=...)``). Prompts are chat-formatted
@@ -9,7 +10,9 @@ questions (different lengths, left-padded in a batch). Each run generates exactl
 ``--new-tokens`` tokens per sequence (end-of-sequence disabled on both sides) and is timed
 end to end (prefill + decode); tokens/s = batch x new tokens / seconds, median over
 ``--rounds`` interleaved rounds after one warm-up. The greedy tokens of both are compared up to
-the first end-of-sequence token.
+the first end-of-sequence token. ``int8``: :func:`vlkit.decoders.quantize.quantize_int8` applied to
+BOTH models (every ``nn.Linear`` -> int8 weights, bfloat16 activations): same kernels, so the ratio
+still compares the frameworks; the row also gives vlkit int8 against transformers float32.
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--precisions", default="fp32", help="comma list of fp32, int8")
     p.add_argument("--out", default="")
     args = p.parse_args()
     if args.threads:
@@ -59,20 +63,36 @@ def main() -> None:
     import vlkit
     from vlkit.data.chat import ChatTemplate
     from vlkit.data.tokenizers import gguf_tokenizer
-    from vlkit.decoders.generate import GenerationConfig, generate, left_pad
+    from vlkit.decoders.generate import GenerationConfig
+    from vlkit.decoders.quantize import quantize_int8
 
     path = gguf_path()
-    ours = vlkit.load(path)
     reader = GGUFReader(str(path))
     tok, chat = gguf_tokenizer(reader), ChatTemplate.from_gguf(reader)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                           dtype=torch.float32).eval()
     n = args.new_tokens
-    cfg = GenerationConfig(max_new_tokens=n, eos_token_ids=(ours.cfg.vocab_size,), pad_token_id=tok.pad_id)
-    rows = []
+    rows, fp32_hf = [], {}
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
-          f"python {platform.python_version()}; SmolLM2-135M float32, {n} new tokens, greedy\n")
-    print("| batch | vlkit tokens/s | transformers tokens/s | ratio | same tokens |\n|---|---|---|---|---|")
+          f"python {platform.python_version()}; SmolLM2-135M, {n} new tokens, greedy\n")
+    print("| weights | batch | vlkit tokens/s | transformers tokens/s | ratio | same tokens |\n"
+          "|---|---|---|---|---|---|")
+    for precision in args.precisions.split(","):
+        ours = vlkit.load(path)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                               dtype=torch.float32).eval()
+        if precision == "int8":
+            ours, hf = quantize_int8(ours), quantize_int8(hf)
+        elif precision != "fp32":
+            raise SystemExit(f"unknown precision {precision!r}")
+        cfg = GenerationConfig(max_new_tokens=n, eos_token_ids=(ours.cfg.vocab_size,), pad_token_id=tok.pad_id)
+        rows += bench_pair(ours, hf, tok, chat, cfg, args, precision, fp32_hf)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))
+
+
+def bench_pair(ours, hf, tok, chat, cfg, args, precision: str, fp32_hf: dict) -> list[dict]:
+    from vlkit.decoders.generate import generate, left_pad
+
+    n, rows = cfg.max_new_tokens, []
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = [tok.encode(chat.render([{"role": "user", "content": q}])) for q in QUESTIONS[:batch]]
         ids, mask = left_pad(prompts, tok.pad_id)
@@ -94,12 +114,15 @@ def main() -> None:
                 fn()
                 times[name].append(time.perf_counter() - t)
         tps = {k: batch * n / statistics.median(v) for k, v in times.items()}
-        rows.append({"batch": batch, **{f"{k}_tokens_per_s": v for k, v in tps.items()},
+        rows.append({"weights": precision, "batch": batch, **{f"{k}_tokens_per_s": v for k, v in tps.items()},
                      "ratio": tps["vlkit"] / tps["transformers"], "same_tokens": same, "seconds": times})
-        print(f"| {batch} | {tps['vlkit']:.1f} | {tps['transformers']:.1f} | {tps['vlkit'] / tps['transformers']:.2f}x "
-              f"| {same} |", flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))
+        if precision == "fp32":
+            fp32_hf[batch] = tps["transformers"]
+        vs_fp32 = f" ({tps['vlkit'] / fp32_hf[batch]:.2f}x transformers fp32)" if batch in fp32_hf and \
+            precision != "fp32" else ""
+        print(f"| {precision} | {batch} | {tps['vlkit']:.1f} | {tps['transformers']:.1f} | "
+              f"{tps['vlkit'] / tps['transformers']:.2f}x{vs_fp32} | {same} |", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

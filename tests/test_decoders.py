@@ -95,6 +95,27 @@ def test_batched_left_padded_greedy_equals_one_prompt_at_a_time():
         assert batched[i, :len(alone)].tolist() == alone.tolist()
 
 
+def test_int8_weights_approximate_the_float_model_and_decode_with_the_cache():
+    from vlkit.decoders.quantize import Int8Linear, quantize_int8
+
+    model, ids = tiny(tie_embeddings=True, attn_bias=True), torch.randint(3, 50, (2, 10))
+    with torch.no_grad():
+        ref = model(ids)
+        q = quantize_int8(tiny(tie_embeddings=True, attn_bias=True))
+        out = q(ids)
+    assert isinstance(q.lm_head, Int8Linear) and not any(isinstance(m, torch.nn.Linear) for m in q.modules())
+    assert q.embed_tokens.weight.dtype == torch.float32  # the embedding the head was tied to stays float
+    rel = (out - ref).norm() / ref.norm()
+    assert 1e-6 < rel < 0.05, rel  # quantized (not the float path), and close to it
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    batch, mask = left_pad(prompts, pad_id=0)
+    cfg = GenerationConfig(max_new_tokens=5, eos_token_ids=(49,))
+    batched = generate(q, batch, mask, cfg)
+    for i, p in enumerate(prompts):  # cached, left-padded decoding still equals one prompt at a time
+        alone = generate(q, torch.tensor([p]), None, cfg)[0]
+        assert batched[i, :len(alone)].tolist() == alone.tolist()
+
+
 def test_greedy_equals_transformers_generate(tmp_path):
     hf, ours = hf_llama(tmp_path)
     ids = torch.randint(3, 99, (1, 7))

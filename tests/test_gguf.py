@@ -46,6 +46,20 @@ def test_smollm2_gguf_matches_transformers(smollm):
     assert out == ref[:len(out)]
 
 
+@pytest.mark.slow
+def test_smollm2_int8_weights_keep_the_greedy_answer(smollm):
+    from vlkit.decoders.quantize import quantize_int8
+
+    path, model, tok, chat = smollm
+    q = quantize_int8(vlkit.load(path))
+    ids = torch.tensor([tok.encode(chat.render([{"role": "user", "content": "What is the capital of France?"}]))])
+    with torch.no_grad():
+        agree = (q(ids).argmax(-1) == model(ids).argmax(-1)).float().mean()
+    assert agree >= 0.9, agree  # next-token choices along the prompt
+    out = generate(q, ids, None, GenerationConfig(max_new_tokens=16))[0].tolist()
+    assert tok.decode(out) == "The capital of France is Paris."
+
+
 def test_smollm2_config_from_gguf(smollm):
     _, model, tok, _ = smollm
     cfg = model.cfg
