@@ -49,6 +49,13 @@ def test_world_caption_trains_reports_and_reloads(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr("sys.stdin", io.StringIO("what colour is it?\nand its shape?\n\n"))
     assert main(["chat", str(run), str(image)]) == 0
     assert capsys.readouterr().out.count("assistant:") == 2
+    monkeypatch.setattr("sys.stdin", io.StringIO("what colour is it?\n\n"))
+    assert main(["chat", str(run), str(image), "--int8"]) == 0
+    assert capsys.readouterr().out.count("assistant:") == 1
+    from vlkit.decoders.quantize import Int8Linear
+    from vlkit.tasks.vlm import load_vlm
+
+    assert isinstance(load_vlm(run, int8=True)[0].decoder.lm_head, Int8Linear)
     from vlkit.tasks.vlm import ChatSession
 
     session = ChatSession(run, image)

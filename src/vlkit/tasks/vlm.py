@@ -560,7 +560,7 @@ def load_weights(model: VLM, path: str | Path) -> int:
     return len(state)
 
 
-def load_vlm(path: str | Path) -> tuple[VLM, VLMConfig, ConversationEncoder]:
+def load_vlm(path: str | Path, int8: bool = False) -> tuple[VLM, VLMConfig, ConversationEncoder]:
     """A trained VLM run (or its model folder): the model in eval mode, its config and prompt encoder."""
     from vlkit.checkpoints.hub import model_folder
     from vlkit.config import from_dict
@@ -574,6 +574,10 @@ def load_vlm(path: str | Path) -> tuple[VLM, VLMConfig, ConversationEncoder]:
     load_weights(model, folder)
     tok, chat, eos = build_text(cfg, folder, None)
     encoder = ConversationEncoder(tok, chat, model.image_token_id, model.placeholders_per_image(), eos, cfg.system)
+    if int8:  # the language model's linears, which dominate decoding on a CPU
+        from vlkit.decoders.quantize import quantize_int8
+
+        quantize_int8(model.decoder)
     return model.eval(), cfg, encoder
 
 
@@ -583,11 +587,12 @@ def _image_tensor(path, cfg: VLMConfig) -> torch.Tensor:
     return build_transform(cfg.transform, train=False)(load_image(path), torch.Generator())
 
 
-def answer_files(run: str | Path, images, prompt: str) -> list[dict]:
-    """``[{"path", "answer"}]`` (or ``{"path", "error"}`` for unreadable images) with a VLM run."""
+def answer_files(run: str | Path, images, prompt: str, int8: bool = False) -> list[dict]:
+    """``[{"path", "answer"}]`` (or ``{"path", "error"}`` for unreadable images) with a VLM run
+    (``int8``: the language model with int8 weights)."""
     from vlkit.data.images import BadImageError
 
-    model, cfg, encoder = load_vlm(run)
+    model, cfg, encoder = load_vlm(run, int8)
     out = []
     for path in images:
         try:
@@ -604,8 +609,8 @@ def answer_files(run: str | Path, images, prompt: str) -> list[dict]:
 class ChatSession:
     """A multi-turn conversation about one image: each question sees the whole history."""
 
-    def __init__(self, run: str | Path, image: str | Path):
-        self.model, self.cfg, self.encoder = load_vlm(run)
+    def __init__(self, run: str | Path, image: str | Path, int8: bool = False):
+        self.model, self.cfg, self.encoder = load_vlm(run, int8)
         self.pixels = _image_tensor(image, self.cfg)[None]
         self.messages: list[dict] = []
 
