@@ -473,8 +473,8 @@ def train(cfg: VLMConfig, run_dir: str | Path | None = None, resume: bool = Fals
         log.info("stage 2: %d tensors from %s, now tuning %s", n, cfg.init_from, cfg.tuning)
     from vlkit.models.peft import trainable_summary
 
-    log.info("trainable parameters: %s", {k: f"{v:,}" for k, v in trainable_summary(model).items()
-                                          if not k.endswith("_all")})
+    trainable = {k: v for k, v in trainable_summary(model).items() if not k.endswith("_all")}
+    log.info("trainable parameters: %s", {k: f"{v:,}" for k, v in trainable.items()})
     if is_main():
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     encoder = ConversationEncoder(tok, chat, model.image_token_id, model.placeholders_per_image(), eos, cfg.system)
@@ -496,8 +496,9 @@ def train(cfg: VLMConfig, run_dir: str | Path | None = None, resume: bool = Fals
             result["eval"][name], answers = evaluate_split(model, ds, encoder, cfg, name)
             samples[name] = answers[:50]
         result["protocol"] = protocol(cfg, encoder, evals_raw[next(iter(evals_raw))][0]) if evals else {}
+        model_facts = {"trainable_parameters": trainable, "visual_tokens_per_image": model.num_visual_tokens}
         (run_dir / "eval.json").write_text(json.dumps({"train": summary, "eval": result["eval"],
-                                                       "protocol": result["protocol"]}, indent=2))
+                                                       "protocol": result["protocol"], "model": model_facts}, indent=2))
         (run_dir / "samples.json").write_text(json.dumps(samples, indent=2))
     return result
 

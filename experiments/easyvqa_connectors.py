@@ -1,0 +1,82 @@
+"""The easy-VQA design-space table: frozen EfficientNet-Lite0 + frozen SmolLM2-135M-Instruct, only the
+connector (or Flamingo's cross-attention blocks) trained, one row per recipe, the same budget for all.
+
+    .venv/bin/python experiments/easyvqa_connectors.py --rows resampler8,mlp --steps 400
+    .venv/bin/python experiments/easyvqa_connectors.py --collect        # only tabulate finished runs
+
+Each row is ``vlkit train vlm_easyvqa[_<row>]`` into ``<root>/<row>`` with ``system=''`` (SmolLM2's
+default system prompt would add 16 tokens to every sample), ``train.max_steps``, an evaluation on
+``--eval-limit`` test questions every 200 steps and at the end; finished rows are not re-run. The
+table (markdown, also written to ``<root>/table.md``): test VQA accuracy, visual tokens the language
+model reads per image, trainable parameters, training throughput, final loss, wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_ROWS = ["linear", "mlp", "avgpool4", "resampler8", "resampler64", "qformer", "cabstractor", "flamingo", "epalm"]
+
+
+def recipe(row: str) -> str:
+    return "vlm_easyvqa" if row == "mlp" else f"vlm_easyvqa_{row}"
+
+
+def run_row(row: str, args) -> None:
+    out = Path(args.root) / row
+    if (out / "eval.json").is_file():
+        return
+    cmd = [sys.executable, "-m", "vlkit.cli", "train", recipe(row), "system=", f"train.max_steps={args.steps}",
+           f"train.batch_size={args.batch}", "train.eval_every=200", "train.log_every=10",
+           f"data.eval_limit={args.eval_limit}", "--run-dir", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads)) if args.threads else None
+    print("running:", " ".join(cmd[2:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+
+
+def table_row(row: str, root: Path) -> list | None:
+    path = root / row / "eval.json"
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    cfg_text = (root / row / "config.yaml").read_text()
+    style = next((ln.split(":")[1].strip() for ln in cfg_text.splitlines() if ln.strip().startswith("style:")), "?")
+    facts = doc.get("model", {})
+    trainable = facts.get("trainable_parameters", {}).get("total")
+    test, train = doc["eval"]["test"], doc["train"]
+    return [row, style, facts.get("visual_tokens_per_image", "?"),
+            f"{trainable / 1e6:.2f}M" if trainable else "?", f"{test['vqa_accuracy']:.1f}",
+            f"{train['samples_per_s']:.1f}", f"{train['last_train'].get('loss', float('nan')):.3f}",
+            train["steps"], f"{train['seconds'] / 60:.0f}"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default=",".join(ALL_ROWS))
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--eval-limit", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=0, help="OMP threads per run (0: torch's default)")
+    p.add_argument("--root", default="runs/easyvqa")
+    p.add_argument("--collect", action="store_true", help="only tabulate the finished runs")
+    args = p.parse_args()
+    rows = args.rows.split(",")
+    if not args.collect:
+        for row in rows:
+            run_row(row, args)
+    header = ["row", "injection", "visual tokens", "trainable", "test VQA acc %", "train samples/s", "final loss",
+              "steps", "minutes"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in (table_row(x, Path(args.root)) for x in rows) if r]
+    text = "\n".join(lines)
+    print(text)
+    (Path(args.root) / "table.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
