@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_ROWS = ["linear", "mlp", "avgpool4", "resampler8", "resampler64", "qformer", "cabstractor", "flamingo", "epalm"]
+ALL_ROWS = ["linear", "mlp", "avgpool4", "clipcap", "resampler8", "resampler64", "qformer", "cabstractor", "flamingo",
+            "epalm"]
 
 
 def recipe(row: str) -> str:

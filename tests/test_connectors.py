@@ -65,3 +65,17 @@ def test_qformer_cross_attention_every_other_layer_and_config_errors():
         build_connector(ConnectorConfig(kind="identity"), 8, 6)
     with pytest.raises(ConfigError, match="num_tokens"):
         ConnectorConfig(num_tokens=0)
+
+
+def test_clipcap_maps_one_global_embedding_to_a_prefix():
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 24)
+    for depth in (0, 1):  # MLP mapper, transformer mapper with learned constants
+        conn = build_connector(ConnectorConfig(kind="clipcap", num_tokens=5, depth=depth, num_heads=4), 24, 40)
+        out = conn(x)
+        assert out.shape == (2, 5, 40)
+        shuffled = x[:, torch.randperm(16)]  # only the global (average) embedding matters
+        assert torch.allclose(conn(shuffled), out, atol=1e-5)
+        assert not torch.allclose(out[:, 0], out[:, 1])  # K different prefix tokens
+    with pytest.raises(ValueError, match="divisible"):
+        build_connector(ConnectorConfig(kind="clipcap", depth=1, num_heads=3), 24, 40)

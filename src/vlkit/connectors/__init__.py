@@ -1,6 +1,6 @@
 """Connectors: visual tokens (B, N, C_v) -> tokens in the language model's space (B, K, C_l).
 
-One family per file (``simple``, ``resampler``, ``qformer``, ``cabstractor``); :class:`ConnectorConfig`
+One family per file (``simple``, ``resampler``, ``qformer``, ``cabstractor``, ``clipcap``); :class:`ConnectorConfig`
 picks one and :func:`build_connector` builds it for given widths.
 """
 from __future__ import annotations
@@ -12,12 +12,13 @@ from torch import nn
 
 from vlkit.config import ConfigError
 from vlkit.connectors.cabstractor import CAbstractor
+from vlkit.connectors.clipcap import ClipCapMapper
 from vlkit.connectors.qformer import QFormer
 from vlkit.connectors.resampler import PerceiverResampler
 from vlkit.connectors.simple import AvgPoolConnector, IdentityConnector, LinearConnector, MlpConnector, \
     PixelShuffleConnector
 
-KINDS = ("identity", "linear", "mlp", "avgpool", "pixel_shuffle", "resampler", "qformer", "cabstractor")
+KINDS = ("identity", "linear", "mlp", "avgpool", "pixel_shuffle", "resampler", "qformer", "cabstractor", "clipcap")
 
 
 @dataclass
@@ -25,9 +26,9 @@ class ConnectorConfig:
     """Which connector, and its sizes (fields not used by a kind are ignored)."""
 
     kind: Literal["identity", "linear", "mlp", "avgpool", "pixel_shuffle", "resampler", "qformer",
-                  "cabstractor"] = "mlp"
-    num_tokens: int = 64  # K output tokens: avgpool, resampler, qformer, cabstractor (a square for grids)
-    depth: int = 2  # resampler / Q-Former layers; C-Abstractor blocks per stage
+                  "cabstractor", "clipcap"] = "mlp"
+    num_tokens: int = 64  # K output tokens: avgpool, resampler, qformer, cabstractor, clipcap (a square for grids)
+    depth: int = 2  # resampler / Q-Former layers; C-Abstractor blocks per stage; clipcap: 0 = MLP mapper
     num_heads: int = 8  # resampler / Q-Former attention heads
     width: int = 0  # internal width of resampler / Q-Former / C-Abstractor (0 = the vision width)
     mlp_ratio: float = 4.0
@@ -60,4 +61,6 @@ def build_connector(cfg: ConnectorConfig, in_dim: int, out_dim: int) -> nn.Modul
                        cfg.cross_attention_every)
     if k == "cabstractor":
         return CAbstractor(in_dim, out_dim, cfg.num_tokens, cfg.depth, cfg.width)
+    if k == "clipcap":
+        return ClipCapMapper(in_dim, out_dim, cfg.num_tokens, cfg.depth, cfg.num_heads, cfg.mlp_ratio)
     raise ConfigError("kind", f"unknown connector {k!r}; known: {', '.join(KINDS)}")
