@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/bench_decode.py                        # SmolLM2-135M GGUF, CPU, batch 1 and 8
     .venv/bin/python benchmarks/bench_decode.py --batches 1 --new-tokens 32 --rounds 2
     .venv/bin/python benchmarks/bench_decode.py --precisions fp32,int8    # also int8 weights on both sides
+    python benchmarks/bench_decode.py --model gpt2 --device cuda --batches 1 --precisions bf16 --compile \
+        --new-tokens 256                                # GPU: fixed-shape steps, CUDA graphs (goal 2,500 tok/s)
 
 Both models come from the SmolLM2-135M-Instruct GGUF of ASSETS.md, dequantised to float32
 (vlkit: ``vlkit.load``; transformers: ``from_pretrained(gguf_file=...)``). Prompts are chat-formatted
@@ -10,7 +12,10 @@ questions (different lengths, left-padded in a batch). Each run generates exactl
 ``--new-tokens`` tokens per sequence (end-of-sequence disabled on both sides) and is timed
 end to end (prefill + decode); tokens/s = batch x new tokens / seconds, median over
 ``--rounds`` interleaved rounds after one warm-up. The greedy tokens of both are compared up to
-the first end-of-sequence token. ``int8``: :func:`vlkit.decoders.quantize.quantize_int8` applied to
+the first end-of-sequence token. ``--model gpt2``: GPT-2-124M with random weights (HF builds it,
+vlkit loads the saved folder), prompts of random ids. ``bf16``: both models cast to bfloat16.
+``--static`` / ``--compile``: vlkit's fixed-shape decoding steps, compiled (CUDA graphs on a GPU);
+``--hf-compile``: transformers with its static cache and compiled forward. ``int8``: :func:`vlkit.decoders.quantize.quantize_int8` applied to
 BOTH models (every ``nn.Linear`` -> int8 weights, bfloat16 activations): same kernels, so the ratio
 still compares the frameworks; the row also gives vlkit int8 against transformers float32.
 """
@@ -46,56 +51,101 @@ def same_until_eos(ours: list, ref: list, eos: int) -> bool:
     return all(a[:c] == b[:c] for a, b, c in zip(ours, ref, cut))
 
 
+def load_pair(args, precision: str):
+    """(vlkit model, HF model, prompts as id lists, pad id) for ``args.model`` at ``precision``."""
+    import tempfile
+
+    import transformers
+
+    import vlkit
+    from vlkit.decoders.quantize import quantize_int8
+
+    if args.model == "gpt2":
+        torch.manual_seed(0)
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(attn_implementation="sdpa"))
+        with tempfile.TemporaryDirectory() as d:
+            hf.save_pretrained(d, safe_serialization=True)
+            ours = vlkit.load(d)
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, 50000, (int(n),), generator=g).tolist() for n in torch.randint(8, 33, (8,), generator=g)]
+        pad = 0
+    else:
+        from gguf import GGUFReader
+
+        from vlkit.data.chat import ChatTemplate
+        from vlkit.data.tokenizers import gguf_tokenizer
+
+        path = gguf_path()
+        reader = GGUFReader(str(path))
+        tok, chat = gguf_tokenizer(reader), ChatTemplate.from_gguf(reader)
+        ours = vlkit.load(path)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                               dtype=torch.float32)
+        prompts, pad = [tok.encode(chat.render([{"role": "user", "content": q}])) for q in QUESTIONS], tok.pad_id
+    if precision == "int8":
+        ours, hf = quantize_int8(ours), quantize_int8(hf)
+    elif precision == "bf16":
+        ours, hf = ours.to(torch.bfloat16), hf.to(torch.bfloat16)
+    elif precision != "fp32":
+        raise SystemExit(f"unknown precision {precision!r}")
+    device = torch.device(args.device)
+    return ours.to(device).eval(), hf.to(device).eval(), prompts, pad
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "gpt2"])
+    p.add_argument("--device", default="cpu")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--precisions", default="fp32", help="comma list of fp32, int8")
+    p.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16, int8 (int8: CPU)")
+    p.add_argument("--static", action="store_true", help="vlkit: fixed-shape decoding steps")
+    p.add_argument("--compile", action="store_true", help="vlkit: torch.compile the fixed-shape step")
+    p.add_argument("--hf-compile", action="store_true", help="transformers: static cache + compiled forward")
     p.add_argument("--out", default="")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
-    from gguf import GGUFReader
 
-    import vlkit
-    from vlkit.data.chat import ChatTemplate
-    from vlkit.data.tokenizers import gguf_tokenizer
-    from vlkit.decoders.generate import GenerationConfig
-    from vlkit.decoders.quantize import quantize_int8
-
-    path = gguf_path()
-    reader = GGUFReader(str(path))
-    tok, chat = gguf_tokenizer(reader), ChatTemplate.from_gguf(reader)
     n = args.new_tokens
     rows, fp32_hf = [], {}
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
-          f"python {platform.python_version()}; SmolLM2-135M, {n} new tokens, greedy\n")
+    gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads{gpu}), transformers {transformers.__version__}, "
+          f"python {platform.python_version()}; {args.model} on {args.device}, {n} new tokens, greedy, vlkit "
+          f"static={args.static} compile={args.compile}, transformers compile={args.hf_compile}\n")
     print("| weights | batch | vlkit tokens/s | transformers tokens/s | ratio | same tokens |\n"
           "|---|---|---|---|---|---|")
     for precision in args.precisions.split(","):
-        ours = vlkit.load(path)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                               dtype=torch.float32).eval()
-        if precision == "int8":
-            ours, hf = quantize_int8(ours), quantize_int8(hf)
-        elif precision != "fp32":
-            raise SystemExit(f"unknown precision {precision!r}")
-        cfg = GenerationConfig(max_new_tokens=n, eos_token_ids=(ours.cfg.vocab_size,), pad_token_id=tok.pad_id)
-        rows += bench_pair(ours, hf, tok, chat, cfg, args, precision, fp32_hf)
+        ours, hf, prompts, pad = load_pair(args, precision)
+        if args.hf_compile:
+            hf.generation_config.cache_implementation = "static"
+            hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+        rows += bench_pair(ours, hf, prompts, pad, args, precision, fp32_hf)
     if args.out:
         Path(args.out).write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))
 
 
-def bench_pair(ours, hf, tok, chat, cfg, args, precision: str, fp32_hf: dict) -> list[dict]:
-    from vlkit.decoders.generate import generate, left_pad
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
 
-    n, rows = cfg.max_new_tokens, []
+
+def bench_pair(ours, hf, prompts, pad: int, args, precision: str, fp32_hf: dict) -> list[dict]:
+    from vlkit.decoders.generate import GenerationConfig, generate, left_pad
+
+    n, rows, device = args.new_tokens, [], torch.device(args.device)
+    cfg = GenerationConfig(max_new_tokens=n, eos_token_ids=(ours.cfg.vocab_size,), pad_token_id=pad,
+                           static=args.static, compile=args.compile)
     for batch in (int(b) for b in args.batches.split(",")):
-        prompts = [tok.encode(chat.render([{"role": "user", "content": q}])) for q in QUESTIONS[:batch]]
-        ids, mask = left_pad(prompts, tok.pad_id)
+        ids, mask = (t.to(device) for t in left_pad(prompts[:batch], pad))
 
         def run_ours():
             return generate(ours, ids, mask, cfg)
@@ -103,16 +153,15 @@ def bench_pair(ours, hf, tok, chat, cfg, args, precision: str, fp32_hf: dict) ->
         def run_hf():
             with torch.no_grad():
                 out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=tok.pad_id)
+                                  pad_token_id=pad)
             return out[:, ids.shape[1]:]
 
-        same = same_until_eos(run_ours().tolist(), run_hf().tolist(), ours.cfg.eos_token_id)  # also the warm-up
+        eos = ours.cfg.eos_token_id if ours.cfg.eos_token_id is not None else -1
+        same = same_until_eos(run_ours().tolist(), run_hf().tolist(), eos)  # also the warm-up (and compilation)
         times = {"vlkit": [], "transformers": []}
         for r in range(args.rounds):
             for name, fn in (("vlkit", run_ours), ("transformers", run_hf))[::1 if r % 2 == 0 else -1]:
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
+                times[name].append(timed(fn, device))
         tps = {k: batch * n / statistics.median(v) for k, v in times.items()}
         rows.append({"weights": precision, "batch": batch, **{f"{k}_tokens_per_s": v for k, v in tps.items()},
                      "ratio": tps["vlkit"] / tps["transformers"], "same_tokens": same, "seconds": times})

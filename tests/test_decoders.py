@@ -95,6 +95,31 @@ def test_batched_left_padded_greedy_equals_one_prompt_at_a_time():
         assert batched[i, :len(alone)].tolist() == alone.tolist()
 
 
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_fixed_shape_steps_equal_plain_decoding_and_compile_without_graph_breaks(positions):
+    model = tiny(positions=positions)
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]], pad_id=0)
+    cfg = dict(max_new_tokens=20, eos_token_ids=(49,), pad_token_id=0)
+    plain = generate(model, ids, mask, GenerationConfig(**cfg))
+    static = generate(model, ids, mask, GenerationConfig(**cfg, static=True))
+    n = plain.shape[1]
+    assert torch.equal(static[:, :n], plain) and (static[:, n:] == 0).all()  # later columns: pad after eos
+    with torch.no_grad():
+        ref_cache, cache = model.new_cache(3, 12), model.new_cache(3, 12)
+        model(ids, mask, cache=ref_cache)
+        model(ids, mask, cache=cache)
+        positions = cache.key_mask[:, :cache.length].sum(1, keepdim=True)
+        step = torch.compile(model.decode_step, backend="eager", fullgraph=True)  # fails on any graph break
+        for t in range(3):
+            token = torch.tensor([[20 + t], [30 + t], [40 + t]])
+            ref = model(token, cache=ref_cache)[:, -1]
+            got = step(token, positions + t, torch.tensor([cache.length]), cache)
+            cache.advance(1)
+            assert (got - ref).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="layer hook"):
+        generate(model, ids, mask, GenerationConfig(**cfg, static=True), layer_hook=lambda i, x, past: x)
+
+
 def test_int8_weights_approximate_the_float_model_and_decode_with_the_cache():
     from vlkit.decoders.quantize import Int8Linear, quantize_int8
 

@@ -87,7 +87,7 @@ class DecoderAttention(nn.Module):
         self.proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attn_bias)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple], mask: Optional[torch.Tensor], is_causal: bool,
-                cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+                cache: Optional[KVCache] = None, layer: int = 0, slot: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -96,8 +96,8 @@ class DecoderAttention(nn.Module):
         v = v.view(B, T, Hkv, D).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, Hkv, S, D), S = past + T
+        if cache is not None:  # (B, Hkv, S, D): S = past + T, or max_len for a fixed-shape step at ``slot``
+            k, v = cache.update(layer, k, v) if slot is None else cache.write(layer, k, v, slot)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != Hkv)
         return self.proj(out.transpose(1, 2).reshape(B, T, H * D))
 
@@ -132,8 +132,8 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.norm1, self.attn, self.norm2, self.mlp = _norm(cfg), DecoderAttention(cfg), _norm(cfg), DecoderMLP(cfg)
 
-    def forward(self, x, rope, mask, is_causal, cache=None, layer=0):
-        x = x + self.attn(self.norm1(x), rope, mask, is_causal, cache, layer)
+    def forward(self, x, rope, mask, is_causal, cache=None, layer=0, slot=None):
+        x = x + self.attn(self.norm1(x), rope, mask, is_causal, cache, layer, slot)
         return x + self.mlp(self.norm2(x))
 
 
@@ -217,6 +217,22 @@ class CausalLM(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
+
+    def decode_step(self, token: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, cache: KVCache
+                    ) -> torch.Tensor:
+        """One new token per row (B, 1) in shapes that never change, the step torch.compile and CUDA
+        graphs need: its keys / values are written at cache index ``slot`` ((1,) long tensor), it
+        attends over all ``max_len`` cache positions under the cache's key mask; ``positions`` (B, 1)
+        are its position ids. -> logits (B, vocab) float32. The caller advances ``cache.length``."""
+        x = self.embed_tokens(token)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        rope = self.rope(positions) if self.rope is not None else None
+        cache.key_mask.index_fill_(1, slot, True)
+        mask = cache.key_mask[:, None, None, :]  # (B, 1, 1, max_len): real tokens written so far
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, rope, mask, False, cache, i, slot)
+        return self.lm_head(self.norm(x))[:, -1].float()
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,

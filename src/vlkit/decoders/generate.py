@@ -6,11 +6,15 @@
   sum log p / length ** length_penalty, the search stops once every batch row has
   ``num_beams`` finished ones;
 - batches of prompts of different lengths, left-padded (the model counts positions over real
-  tokens), end-of-sequence ids and stop strings (``generate_text`` decodes as it goes).
+  tokens), end-of-sequence ids and stop strings (``generate_text`` decodes as it goes);
+- ``static`` / ``compile``: after the prompt, every step has the same shapes
+  (:meth:`CausalLM.decode_step`), so ``torch.compile`` (CUDA graphs with ``mode="reduce-overhead"`` on
+  a GPU) runs it without recompiling, and the finished-rows check reads the device every 16 steps only.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+import weakref
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -33,6 +37,8 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] = ()  # generate_text: stop (and cut) at the first of these
     pad_token_id: int = 0  # written after a sequence has ended
     seed: int = 0  # sampling generator seed
+    static: bool = False  # fixed-shape decoding steps (no layer hooks: not for Flamingo / eP-ALM VLMs)
+    compile: bool = False  # torch.compile the fixed-shape step (implies static; CUDA graphs on a GPU)
 
     def __post_init__(self):
         if self.num_beams > 1 and self.do_sample:
@@ -76,6 +82,7 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: Optional[
     g = torch.Generator(device=input_ids.device).manual_seed(cfg.seed)
     logits = model(None if inputs_embeds is not None else input_ids, attention_mask, inputs_embeds, cache=cache,
                    logits_to_keep=1, layer_hook=layer_hook)[:, -1]
+    step = _static_step(model, cfg, layer_hook, cache)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     out = []
     for _ in range(cfg.max_new_tokens):
@@ -89,10 +96,40 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: Optional[
         done = done | torch.isin(token, eos)
         if stop_fn is not None:
             done = done | stop_fn(torch.stack(out, 1))
-        if bool(done.all()) or len(out) == cfg.max_new_tokens:
+        if len(out) == cfg.max_new_tokens or ((step is None or len(out) % 16 == 0) and bool(done.all())):
             break
-        logits = model(token[:, None], cache=cache, logits_to_keep=1, layer_hook=layer_hook)[:, -1]
+        if step is None:
+            logits = model(token[:, None], cache=cache, logits_to_keep=1, layer_hook=layer_hook)[:, -1]
+        else:
+            logits = step(token[:, None])
     return torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
+
+
+_COMPILED: "weakref.WeakKeyDictionary[CausalLM, Callable]" = weakref.WeakKeyDictionary()
+
+
+def _static_step(model: CausalLM, cfg: GenerationConfig, layer_hook, cache) -> Optional[Callable]:
+    """``step(token (B, 1)) -> logits (B, V)`` over fixed shapes after the prompt, or None (the plain path)."""
+    if not (cfg.static or cfg.compile):
+        return None
+    if layer_hook is not None:
+        raise ValueError("fixed-shape decoding takes no layer hook (Flamingo / eP-ALM VLMs): static=false")
+    fn = model.decode_step
+    if cfg.compile:
+        if model not in _COMPILED:
+            mode = "reduce-overhead" if cache.k.is_cuda else None  # CUDA graphs on a GPU
+            _COMPILED[model] = torch.compile(model.decode_step, mode=mode, fullgraph=True, dynamic=False)
+        fn = _COMPILED[model]
+    positions = cache.key_mask[:, :cache.length].sum(1, keepdim=True)  # real tokens so far = next position
+
+    def step(token: torch.Tensor) -> torch.Tensor:
+        nonlocal positions
+        slot = torch.full((1,), cache.length, dtype=torch.long, device=token.device)
+        logits = fn(token, positions, slot, cache)
+        cache.advance(1)
+        positions = positions + 1
+        return logits
+    return step
 
 
 @torch.no_grad()

@@ -32,6 +32,14 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed-shape update: k, v (B, H_kv, 1, D) written at cache index ``slot`` ((1,) long tensor, so
+        the position is data, not a Python int a compiled graph would specialise on) -> the whole
+        cache of this layer (B, H_kv, max_len, D); unwritten positions are masked by ``key_mask``."""
+        self.k[layer].index_copy_(2, slot, k)
+        self.v[layer].index_copy_(2, slot, v)
+        return self.k[layer], self.v[layer]
+
     def add_keys(self, mask: torch.Tensor, all_real: bool = False) -> torch.Tensor:
         """Record which of the next T positions are real tokens (mask (B, T) bool; ``all_real``: the
         caller knows it is all True); returns the key mask over every position so far (B, length + T)."""
