@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 ALL_ROWS = ["linear", "mlp", "avgpool4", "clipcap", "resampler8", "resampler64", "qformer", "cabstractor", "flamingo",
             "epalm"]
@@ -40,17 +42,31 @@ def run_row(row: str, args) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
 
 
+def model_facts(run: Path) -> dict:
+    """Trainable parameters and visual tokens per image: from eval.json, else rebuilt from the run's model."""
+    doc = json.loads((run / "eval.json").read_text())
+    if "model" in doc:
+        return doc["model"]
+    from vlkit.models.peft import trainable_summary
+    from vlkit.tasks.vlm import load_vlm
+
+    model = load_vlm(run)[0]  # built with the run's tuning: requires_grad marks what trained
+    return {"trainable_parameters": {"total": trainable_summary(model)["total"]},
+            "visual_tokens_per_image": model.num_visual_tokens}
+
+
 def table_row(row: str, root: Path) -> list | None:
     path = root / row / "eval.json"
     if not path.is_file():
         return None
     doc = json.loads(path.read_text())
-    cfg_text = (root / row / "config.yaml").read_text()
-    style = next((ln.split(":")[1].strip() for ln in cfg_text.splitlines() if ln.strip().startswith("style:")), "?")
-    facts = doc.get("model", {})
+    cfg = yaml.safe_load((root / row / "config.yaml").read_text())
+    style, vision = cfg["injection"]["style"], cfg["vision"]["kind"]
+    vision = Path(cfg["vision"]["path"]).name + " ViT" if vision == "run" else vision
+    facts = model_facts(root / row)
     trainable = facts.get("trainable_parameters", {}).get("total")
     test, train = doc["eval"]["test"], doc["train"]
-    return [row, style, facts.get("visual_tokens_per_image", "?"),
+    return [row, vision, style, facts.get("visual_tokens_per_image", "?"),
             f"{trainable / 1e6:.2f}M" if trainable else "?", f"{test['vqa_accuracy']:.1f}",
             f"{train['samples_per_s']:.1f}", f"{train['last_train'].get('loss', float('nan')):.3f}",
             train["steps"], f"{train['seconds'] / 60:.0f}"]
@@ -70,7 +86,7 @@ def main() -> None:
     if not args.collect:
         for row in rows:
             run_row(row, args)
-    header = ["row", "injection", "visual tokens", "trainable", "test VQA acc %", "train samples/s", "final loss",
+    header = ["row", "frozen vision", "injection", "visual tokens", "trainable", "test VQA acc %", "train samples/s", "final loss",
               "steps", "minutes"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in (table_row(x, Path(args.root)) for x in rows) if r]
