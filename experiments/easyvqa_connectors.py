@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_ROWS = ["linear", "mlp", "avgpool4", "clipcap", "resampler8", "resampler64", "qformer", "cabstractor", "flamingo",
+ALL_ROWS = ["linear", "mlp", "avgpool4", "clipcap", "clipcap_stages", "resampler8", "resampler64", "qformer", "cabstractor", "flamingo",
             "epalm"]
 
 
@@ -63,6 +63,9 @@ def table_row(row: str, root: Path) -> list | None:
     cfg = yaml.safe_load((root / row / "config.yaml").read_text())
     style, vision = cfg["injection"]["style"], cfg["vision"]["kind"]
     vision = Path(cfg["vision"]["path"]).name + " ViT" if vision == "run" else vision
+    features = cfg["injection"].get("features", "last")
+    if features != "last":
+        vision += f" ({features}, n={cfg['injection'].get('num_layers', 1)})"
     facts = model_facts(root / row)
     trainable = facts.get("trainable_parameters", {}).get("total")
     test, train = doc["eval"]["test"], doc["train"]

@@ -167,3 +167,30 @@ def test_lora_merge_keeps_outputs():
     assert torch.allclose(model(ids, mask, images)["logits"], before, atol=1e-5)
     with pytest.raises(ValueError, match="match no Linear"):
         apply_lora(model.decoder, "nothing_here")
+
+
+def test_convnet_features_last_n_pools_stages_to_the_final_grid():
+    """A convnet's last_n: its n last stage outputs, each averaged onto the final map's grid, then
+    concatenated along channels (the earlier stages keep colour the head discards); pooled is one token."""
+    from vlkit.encoders.convnet import EfficientNetLite, EfficientNetLiteConfig
+    from vlkit.models.vlm import VisualFeatures
+
+    torch.manual_seed(0)
+    stages = ((1, 3, 1, 1, 8), (1, 3, 2, 2, 16), (1, 3, 2, 2, 24))
+    net = EfficientNetLite(EfficientNetLiteConfig(stages=stages, head_chs=20, num_classes=0)).eval()
+    images = torch.rand(2, 3, 32, 32)
+    feats = VisualFeatures(net, InjectionConfig(features="last_n", num_layers=2))
+    assert feats.dim == 16 + 24
+    out = feats(images)
+    assert out.shape == (2, 4 * 4, 40)  # final grid 32 / 8 = 4
+    mid, last = net.forward_intermediates(images, 2)  # (2, 16, 8, 8), (2, 24, 4, 4)
+    expected_mid = mid.reshape(2, 16, 4, 2, 4, 2).mean(dim=(3, 5))  # 2x2 averages
+    torch.testing.assert_close(out[:, :, :16], expected_mid.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(out[:, :, 16:], last.flatten(2).transpose(1, 2))
+    pooled = VisualFeatures(net, InjectionConfig(features="pooled"))
+    assert pooled.dim == 20 and pooled(images).shape == (2, 1, 20)
+    torch.testing.assert_close(pooled(images)[:, 0], net.forward_features(images).mean(dim=(2, 3)))
+    with pytest.raises(ValueError, match="num_layers must be in 1..3"):
+        VisualFeatures(net, InjectionConfig(features="last_n", num_layers=4))
+    with pytest.raises(ValueError, match="class token"):
+        VisualFeatures(net, InjectionConfig(features="cls_last_n", num_layers=1))

@@ -220,7 +220,8 @@ class EfficientNetLite(nn.Module):
         self.conv_stem = Conv2dSame(cfg.in_chans, cfg.stem_chs, 3, stride=2)
         self.bn1 = norm_layer(cfg.stem_chs)
         self.blocks = self._build_stages(cfg, act_layer, norm_layer)
-        last_chs = cfg.scaled_stages()[-1].out_chs
+        self.stage_channels = [s.out_chs for s in cfg.scaled_stages()]  # of forward_intermediates' maps
+        last_chs = self.stage_channels[-1]
         self.conv_head = Conv2dSame(last_chs, cfg.head_chs, 1)
         self.bn2 = norm_layer(cfg.head_chs)
         self.act = act_layer()

@@ -58,7 +58,7 @@ class InputAdapter(nn.Module):
     """Feeds pipeline-normalised images to a convnet that expects [0, 1] images of another size.
 
     forward(images (B, C, H, W) normalised with mean/std) -> ``convnet(x)``, and
-    ``forward_features`` -> ``convnet.forward_features(x)``, with
+    ``forward_features`` / ``forward_intermediates`` -> the convnet's on ``x``, with
     ``x = resize(images * std + mean, size)`` in [0, 1]. ``num_features`` is the convnet's.
     """
 
@@ -67,6 +67,7 @@ class InputAdapter(nn.Module):
         self.convnet = convnet
         self.size = size
         self.num_features = getattr(convnet, "num_features", None)
+        self.stage_channels = getattr(convnet, "stage_channels", None)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
@@ -78,6 +79,12 @@ class InputAdapter(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.convnet.forward_features(self._to_unit(images))
+
+    def forward_intermediates(self, images: torch.Tensor, indices=1) -> list[torch.Tensor]:
+        return self.convnet.forward_intermediates(self._to_unit(images), indices)
+
+    def forward_head(self, fmap: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.convnet.forward_head(fmap, pre_logits=pre_logits)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.convnet(self._to_unit(images))

@@ -16,7 +16,11 @@ ways of injecting the visual tokens that the DePALM survey (Shukor et al. 2024) 
 
 Feature extraction (``features``): patch tokens of the last layer (``last``), of the n last layers
 concatenated along channels (``last_n``), their class tokens (``cls_last_n``, what eP-ALM injects),
-or the pooled output (``pooled``, one token).
+or the pooled output (``pooled``, one token). A convnet (EfficientNet-Lite) gives the positions of
+its final map (``last``), its global average (``pooled``), or for ``last_n`` the outputs of its n last
+stages, each average-pooled to the final grid and concatenated along channels: the earlier stages
+keep what the ImageNet head discards (colour, thin edges), the multi-scale features of FPN-style
+detectors.
 """
 from __future__ import annotations
 
@@ -55,16 +59,37 @@ class VisualFeatures(nn.Module):
         super().__init__()
         self.encoder, self.cfg = encoder, cfg
         self.is_vit = hasattr(encoder, "blocks") and hasattr(encoder, "num_prefix_tokens")
-        if not self.is_vit and cfg.features != "last":
-            raise ValueError(f"features={cfg.features!r} needs a ViT encoder; a convnet gives its last feature map")
-        width = getattr(encoder, "num_features", None) or encoder.cfg.embed_dim
-        self.dim = width * cfg.num_layers if cfg.features == "last_n" else width
+        if not self.is_vit and cfg.features == "cls_last_n":
+            raise ValueError("features='cls_last_n' needs a ViT encoder (a convnet has no class token)")
+        if self.is_vit:
+            width = getattr(encoder, "num_features", None) or encoder.cfg.embed_dim
+            self.dim = width * cfg.num_layers if cfg.features == "last_n" else width
+        elif cfg.features == "last_n":
+            stages = encoder.stage_channels
+            if not 1 <= cfg.num_layers <= len(stages):
+                raise ValueError(f"features='last_n': num_layers must be in 1..{len(stages)} stages, "
+                                 f"got {cfg.num_layers}")
+            self.dim = sum(stages[-cfg.num_layers:])
+        else:
+            self.dim = encoder.num_features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._vit(images) if self.is_vit else self._convnet(images)
+
+    def _convnet(self, images: torch.Tensor) -> torch.Tensor:
         cfg, enc = self.cfg, self.encoder
-        if not self.is_vit:
+        if cfg.features == "last_n":
+            maps = enc.forward_intermediates(images, cfg.num_layers)
+            grid = maps[-1].shape[-2:]
+            fmap = torch.cat([F.adaptive_avg_pool2d(m, grid) for m in maps], dim=1)  # (B, sum C_s, h, w)
+        else:
             fmap = enc.forward_features(images)  # (B, C, h, w)
-            return fmap.flatten(2).transpose(1, 2)
+        if cfg.features == "pooled":
+            return enc.forward_head(fmap, pre_logits=True)[:, None]
+        return fmap.flatten(2).transpose(1, 2)
+
+    def _vit(self, images: torch.Tensor) -> torch.Tensor:
+        cfg, enc = self.cfg, self.encoder
         p = 0 if cfg.keep_prefix_tokens else enc.num_prefix_tokens
         if cfg.features == "last":
             return enc.forward_features(images)[:, p:]
