@@ -120,6 +120,33 @@ def test_fixed_shape_steps_equal_plain_decoding_and_compile_without_graph_breaks
         generate(model, ids, mask, GenerationConfig(**cfg, static=True), layer_hook=lambda i, x, past: x)
 
 
+def test_compiled_decoding_reuses_one_graph_and_one_cache_across_prompts(monkeypatch):
+    """compile=True: the KV cache tensors are kept per batch size (static addresses, as CUDA graphs
+    need), so a second prompt of another length neither recompiles nor allocates; tokens are unchanged."""
+    from vlkit.decoders import generate as gen_module
+
+    graphs, real_compile = [], torch.compile
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(gen_module.torch, "compile",
+                        lambda fn, mode=None, **kw: real_compile(fn, backend=counting_backend, **kw))
+    torch._dynamo.reset()
+    model = tiny()
+    cfg = dict(max_new_tokens=12, eos_token_ids=(49,), pad_token_id=0)
+    pointers = set()
+    for prompts in ([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]], [[1, 2], [3, 4, 5, 6, 7, 8, 9], [8]]):
+        ids, mask = left_pad(prompts, pad_id=0)
+        plain = generate(model, ids, mask, GenerationConfig(**cfg))
+        compiled = generate(model, ids, mask, GenerationConfig(**cfg, compile=True))
+        assert torch.equal(compiled[:, :plain.shape[1]], plain)
+        (cache,) = gen_module._STATIC_CACHES[model].values()
+        pointers.add(cache.k.data_ptr())
+    assert len(graphs) == 1 and len(pointers) == 1 and cache.max_len == 256
+
+
 def test_int8_weights_approximate_the_float_model_and_decode_with_the_cache():
     from vlkit.decoders.quantize import Int8Linear, quantize_int8
 

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from vlkit.decoders.causal_lm import CausalLM
+from vlkit.nn.kv_cache import KVCache
 
 
 @dataclass
@@ -77,7 +78,7 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: Optional[
     if cfg.num_beams > 1:
         return beam_search(model, input_ids, attention_mask, cfg, inputs_embeds, layer_hook)
     B, T = input_ids.shape
-    cache = model.new_cache(B, T + cfg.max_new_tokens)
+    cache = _new_cache(model, B, T + cfg.max_new_tokens, cfg.compile)
     eos = _eos_ids(model, cfg, input_ids.device)
     g = torch.Generator(device=input_ids.device).manual_seed(cfg.seed)
     logits = model(None if inputs_embeds is not None else input_ids, attention_mask, inputs_embeds, cache=cache,
@@ -106,6 +107,24 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: Optional[
 
 
 _COMPILED: "weakref.WeakKeyDictionary[CausalLM, Callable]" = weakref.WeakKeyDictionary()
+_STATIC_CACHES: "weakref.WeakKeyDictionary[CausalLM, dict]" = weakref.WeakKeyDictionary()
+
+
+def _new_cache(model: CausalLM, batch: int, needed: int, compiled: bool) -> KVCache:
+    """A fresh cache; for a compiled step, the same tensors on every call with this batch size (length
+    rounded up to 256), marked as static addresses: a compiled graph (and its CUDA graph, which
+    updates them in place) is reused instead of recompiled or re-recorded for every prompt."""
+    if not compiled:
+        return model.new_cache(batch, needed)
+    p = model.embed_tokens.weight
+    key = (batch, -(-needed // 256) * 256, p.dtype, p.device)
+    pool = _STATIC_CACHES.setdefault(model, {})
+    if key not in pool:
+        pool[key] = model.new_cache(batch, key[1])
+        for t in (pool[key].k, pool[key].v, pool[key].key_mask):
+            torch._dynamo.mark_static_address(t)
+    pool[key].reset()
+    return pool[key]
 
 
 def _static_step(model: CausalLM, cfg: GenerationConfig, layer_hook, cache) -> Optional[Callable]:

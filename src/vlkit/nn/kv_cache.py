@@ -50,6 +50,13 @@ class KVCache:
         self.padded = self.padded or not (all_real or bool(mask.all()))
         return self.key_mask[:, :end]
 
+    def reset(self) -> None:
+        """Empty again, keeping the same tensors (a cache reused across calls of a compiled step)."""
+        self.k.zero_()
+        self.v.zero_()
+        self.key_mask.zero_()
+        self.length, self.padded = 0, False
+
     def advance(self, n: int) -> None:
         self.length += n
 
