@@ -197,3 +197,17 @@ def test_two_stage_training_continues_from_the_first_stage_with_lora(tmp_path):
     w2 = second.decoder.blocks[0].attn.qkv.base.weight  # LoRA-wrapped, base frozen: unchanged from stage 1
     assert torch.equal(w1, w2) and torch.equal(first.connector.mlp.fc1.weight, second.connector.mlp.fc1.weight)
     assert second.decoder.blocks[0].attn.qkv.lora_b.abs().sum() > 0  # stage 2 trained the adapters
+
+
+def test_easy_vqa_samples_carry_their_answer_type():
+    pytest.importorskip("easy_vqa")
+    from vlkit.data.vl import EasyVQA, easy_vqa_answer_type
+
+    data = EasyVQA("test", length=40)
+    types = {data[i]["question_type"] for i in range(len(data))}
+    assert types == {"yes/no", "colour", "shape"}
+    for i in range(len(data)):
+        sample = data[i]
+        answer = sample["messages"][-1]["content"]
+        assert sample["question_type"] == easy_vqa_answer_type(answer)
+    assert [easy_vqa_answer_type(a) for a in ("no", "teal", "triangle")] == ["yes/no", "colour", "shape"]

@@ -88,8 +88,16 @@ class Interleave(Dataset):
         return self.parts[i % 2][i // 2]
 
 
+EASY_VQA_COLOURS = frozenset({"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"})
+
+
+def easy_vqa_answer_type(answer: str) -> str:
+    """VQA's answer types for easy-VQA (scores are also reported per type): yes/no, colour, shape."""
+    return "yes/no" if answer in ("yes", "no") else "colour" if answer in EASY_VQA_COLOURS else "shape"
+
+
 class EasyVQA(Dataset):
-    """easy-VQA's questions (``split`` train or test)."""
+    """easy-VQA's questions (``split`` train or test); ``question_type`` is the answer type."""
 
     def __init__(self, split: str = "train", length: Optional[int] = None):
         import easy_vqa
@@ -110,7 +118,10 @@ class EasyVQA(Dataset):
     def __getitem__(self, i: int) -> Optional[dict]:
         question, answer, image_id = self.rows[i]
         image = _load(self.paths[image_id])
-        return None if image is None else single_turn(image, question, answer, [answer], f"{self.split}/{i}")
+        if image is None:
+            return None
+        sample = single_turn(image, question, answer, [answer], f"{self.split}/{i}")
+        return sample | {"question_type": easy_vqa_answer_type(answer)}
 
 
 def _load(path) -> Optional[object]:
