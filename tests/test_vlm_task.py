@@ -65,12 +65,19 @@ def test_world_caption_trains_reports_and_reloads(tmp_path, capsys, monkeypatch)
     assert session.messages[0]["content"].startswith("<image>") and "<image>" not in session.messages[2]["content"]
 
 
-def test_world_vqa_scores_per_question_type(tmp_path):
+def test_world_vqa_scores_per_question_type_and_vlkit_eval_scores_it_again(tmp_path, capsys):
     run = tmp_path / "vqa"
     assert main(["train", "vlm_world_vqa", *TINY, *SCRATCH, *WORLD, "data.qa_per_scene=2",
                  "--run-dir", str(run)]) == 0
     test = json.loads((run / "eval.json").read_text())["eval"]["test"]
     assert {"vqa_accuracy", "exact_match"} <= set(test) and any(k.startswith("acc_") for k in test)
+    assert main(["eval", str(run)]) == 0  # the saved model, scored again: the same greedy answers
+    again = json.loads((run / "eval-cli.json").read_text())
+    assert again["eval"]["test"] == test and again["protocol"]["decoding"] == "greedy"
+    assert main(["eval", str(run), "generation.num_beams=2"]) == 0
+    assert json.loads((run / "eval-cli.json").read_text())["protocol"]["num_beams"] == 2
+    assert main(["eval", str(run), "connector.kind=linear"]) == 2
+    assert "changes only" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in CONFIGS_DIR.glob("vlm_*.yaml")))

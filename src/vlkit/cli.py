@@ -107,17 +107,27 @@ def print_eval(evals: dict) -> None:
 
 def cmd_eval(args) -> int:
     import vlkit
-    from vlkit.config import load_config
+    from vlkit.config import load_config, read_yaml
     from vlkit.tasks.classification import ClassificationConfig, evaluate_model
     from vlkit.tasks.data import build_splits
 
     run = Path(args.run)
-    cfg = load_config(ClassificationConfig, run / "config.yaml", args.overrides)
-    model = vlkit.load(run)
-    evals = evaluate_model(model, build_splits(cfg.data), cfg.data, cfg.eval_batch_size)
+    task = (read_yaml(run / "config.yaml") or {}).get("task", "classification")
+    if task == "vlm":
+        from vlkit.tasks.vlm import evaluate_run
+
+        doc = evaluate_run(run, args.overrides)
+        evals = doc["eval"]
+    elif task == "classification":
+        cfg = load_config(ClassificationConfig, run / "config.yaml", args.overrides)
+        model = vlkit.load(run)
+        evals = doc = evaluate_model(model, build_splits(cfg.data), cfg.data, cfg.eval_batch_size)
+    else:
+        raise SystemExit(f"error: vlkit eval takes classification and vlm runs; a {task} run is evaluated at the "
+                         f"end of training ({run / 'eval.json'})")
     print_eval(evals)
     out = run / "eval-cli.json"
-    out.write_text(json.dumps(evals, indent=2))
+    out.write_text(json.dumps(doc, indent=2))
     print(f"metrics written to {out}")
     return 0
 

@@ -582,6 +582,29 @@ def load_vlm(path: str | Path, int8: bool = False) -> tuple[VLM, VLMConfig, Conv
     return model.eval(), cfg, encoder
 
 
+EVAL_OVERRIDABLE = ("data.", "generation.", "eval_batch_size")
+
+
+def evaluate_run(run: str | Path, overrides: list[str] = ()) -> dict:
+    """``vlkit eval`` of a VLM run: its model scored again on its evaluation splits, the data and
+    decoding optionally changed (``data.eval_limit=...``, ``generation.num_beams=...``, ``eval_batch_size``)
+    -> {"eval": {split: metrics}, "protocol": ..., "samples": {split: first 50 answers}}."""
+    from vlkit.config import apply_overrides, from_dict
+
+    bad = [o for o in overrides if not o.startswith(EVAL_OVERRIDABLE)]
+    if bad:
+        raise ConfigError(bad[0].split("=")[0], f"vlkit eval of a VLM run changes only {', '.join(EVAL_OVERRIDABLE)}")
+    model, cfg, encoder = load_vlm(run)
+    cfg = from_dict(VLMConfig, apply_overrides(to_dict(cfg), list(overrides)))
+    _, evals_raw = build_datasets(cfg)
+    result = {"eval": {}, "protocol": {}, "samples": {}}
+    for name, raw in evals_raw.items():
+        result["eval"][name], answers = evaluate_split(model, _wrap(raw, cfg, False), encoder, cfg, name)
+        result["samples"][name] = answers[:50]
+        result["protocol"] = result["protocol"] or protocol(cfg, encoder, raw[0])
+    return result
+
+
 def _image_tensor(path, cfg: VLMConfig) -> torch.Tensor:
     from vlkit.data.images import load_image
 
