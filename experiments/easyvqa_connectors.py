@@ -55,6 +55,20 @@ def model_facts(run: Path) -> dict:
             "visual_tokens_per_image": model.num_visual_tokens}
 
 
+ANSWER_TYPES = ("colour", "shape", "yes/no")
+
+
+def _rescored(run: Path, test: dict) -> dict:
+    """Per-answer-type accuracy of a run trained before easy-VQA samples carried their type: from
+    ``vlkit eval RUN data.eval_limit=...`` (eval-cli.json), if it scored the same questions (greedy
+    decoding of the same model: the same overall accuracy)."""
+    path = run / "eval-cli.json"
+    if not path.is_file():
+        return {}
+    again = json.loads(path.read_text())["eval"]["test"]
+    return again if abs(again["vqa_accuracy"] - test["vqa_accuracy"]) < 0.05 else {}
+
+
 def table_row(row: str, root: Path) -> list | None:
     path = root / row / "eval.json"
     if not path.is_file():
@@ -69,8 +83,10 @@ def table_row(row: str, root: Path) -> list | None:
     facts = model_facts(root / row)
     trainable = facts.get("trainable_parameters", {}).get("total")
     test, train = doc["eval"]["test"], doc["train"]
+    by_type = test if "acc_colour" in test else _rescored(root / row, test)
+    types = [f"{by_type[f'acc_{t}']:.1f}" if f"acc_{t}" in by_type else "?" for t in ANSWER_TYPES]
     return [row, vision, style, facts.get("visual_tokens_per_image", "?"),
-            f"{trainable / 1e6:.2f}M" if trainable else "?", f"{test['vqa_accuracy']:.1f}",
+            f"{trainable / 1e6:.2f}M" if trainable else "?", f"{test['vqa_accuracy']:.1f}", *types,
             f"{train['samples_per_s']:.1f}", f"{train['last_train'].get('loss', float('nan')):.3f}",
             train["steps"], f"{train['seconds'] / 60:.0f}"]
 
@@ -89,8 +105,8 @@ def main() -> None:
     if not args.collect:
         for row in rows:
             run_row(row, args)
-    header = ["row", "frozen vision", "injection", "visual tokens", "trainable", "test VQA acc %", "train samples/s", "final loss",
-              "steps", "minutes"]
+    header = ["row", "frozen vision", "injection", "visual tokens", "trainable", "test VQA acc %", "colour %", "shape %",
+              "yes/no %", "train samples/s", "final loss", "steps", "minutes"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in (table_row(x, Path(args.root)) for x in rows) if r]
     text = "\n".join(lines)

@@ -194,3 +194,29 @@ def test_convnet_features_last_n_pools_stages_to_the_final_grid():
         VisualFeatures(net, InjectionConfig(features="last_n", num_layers=4))
     with pytest.raises(ValueError, match="class token"):
         VisualFeatures(net, InjectionConfig(features="cls_last_n", num_layers=1))
+
+
+def test_frozen_parts_stay_in_eval_mode_while_training():
+    """A frozen convnet's BatchNorm statistics must not drift (the saved run omits them), and a frozen
+    decoder runs without dropout; the trained parts do switch to train mode."""
+    from vlkit.encoders.convnet import EfficientNetLite, EfficientNetLiteConfig
+    from vlkit.models.peft import TuningConfig
+
+    torch.manual_seed(0)
+    net = EfficientNetLite(EfficientNetLiteConfig(stages=((1, 3, 1, 1, 8), (1, 3, 2, 2, 16)), head_chs=24,
+                                                  num_classes=0))
+    dec = CausalLM(DecoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                 intermediate_size=48, eos_token_id=None))
+    model = VLM(net, build_connector(ConnectorConfig(kind="mlp"), 24, 32), dec, InjectionConfig(), IMG, 4)
+    model.apply_tuning(TuningConfig(vision="frozen", connector="full", decoder="frozen"))
+    stats = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
+    model.train()
+    assert model.training and model.connector.training
+    assert not net.training and not model.decoder.training and not any(m.training for m in net.modules())
+    ids = torch.tensor([[5] + [IMG] * 4 + [6, 7]] * 2)
+    out = model(ids, images=torch.rand(2, 3, 32, 32) * 4, labels=ids.masked_fill(ids == IMG, -100))
+    out["loss"].backward()
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in stats.items())
+    assert all(p.grad is not None for p in model.connector.parameters())
+    model.apply_tuning(TuningConfig(vision="full", connector="full", decoder="frozen"))
+    assert model.train().features.training

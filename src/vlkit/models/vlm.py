@@ -141,6 +141,15 @@ class VLM(nn.Module):
         self.inject_layers = tuple(cfg.inject_layers) or tuple(range(L - cfg.num_layers, L))
         if cfg.style == "inject" and len(self.inject_layers) != cfg.num_layers:
             raise ValueError(f"inject: {len(self.inject_layers)} layers for {cfg.num_layers} visual tokens")
+        self.frozen_parts: tuple[str, ...] = ()  # set by apply_tuning; kept in eval mode
+
+    def train(self, mode: bool = True) -> "VLM":
+        """Frozen components stay in eval mode (BLIP-2 keeps its frozen ViT so): their BatchNorm statistics
+        never drift and their dropout is off, so the saved run (which omits them) is the model trained."""
+        super().train(mode)
+        for name in self.frozen_parts:
+            getattr(self, name).eval()
+        return self
 
     def placeholders_per_image(self) -> int:
         """Placeholder ids a prompt carries per image: K visual tokens (tokens), else one marker."""
@@ -220,6 +229,9 @@ class VLM(nn.Module):
         set_tuning(self.features, cfg.vision, cfg)
         set_tuning(self.connector, cfg.connector, cfg)
         set_tuning(self.decoder, cfg.decoder, cfg)
+        modes = {"features": cfg.vision, "connector": cfg.connector, "decoder": cfg.decoder}
+        self.frozen_parts = tuple(name for name, mode in modes.items() if mode == "frozen")
+        self.train(self.training)
         self.xattn.requires_grad_(cfg.connector != "frozen")
         if self.cfg.style == "cross_attention":
             self.media_embed.requires_grad_(cfg.connector != "frozen")
