@@ -4,10 +4,12 @@ KV-cached generation equals step-by-step full forwards in every style."""
 import pytest
 import torch
 
+from vlkit.config import ConfigError
 from vlkit.connectors import ConnectorConfig, build_connector
 from vlkit.decoders.causal_lm import CausalLM, DecoderConfig
 from vlkit.decoders.generate import GenerationConfig
 from vlkit.encoders.vit import ViTConfig, VisionTransformer
+from vlkit.models.peft import TuningConfig
 from vlkit.models.vlm import VLM, InjectionConfig
 
 IMG = 99  # placeholder id (outside the tiny vocabulary: never embedded as a token)
@@ -120,7 +122,6 @@ def test_loss_only_on_labelled_tokens():
                                                              ("frozen", "frozen", "frozen", 3),
                                                              ("lora", "full", "full", 0)])
 def test_gradients_reach_exactly_the_trainable_parameters(vision, connector, decoder, prompt):
-    from vlkit.models.peft import TuningConfig
 
     torch.manual_seed(0)
     base = make_vlm("cross_attention", connector="resampler")
@@ -200,7 +201,6 @@ def test_frozen_parts_stay_in_eval_mode_while_training():
     """A frozen convnet's BatchNorm statistics must not drift (the saved run omits them), and a frozen
     decoder runs without dropout; the trained parts do switch to train mode."""
     from vlkit.encoders.convnet import EfficientNetLite, EfficientNetLiteConfig
-    from vlkit.models.peft import TuningConfig
 
     torch.manual_seed(0)
     net = EfficientNetLite(EfficientNetLiteConfig(stages=((1, 3, 1, 1, 8), (1, 3, 2, 2, 16)), head_chs=24,
@@ -220,3 +220,36 @@ def test_frozen_parts_stay_in_eval_mode_while_training():
     assert all(p.grad is not None for p in model.connector.parameters())
     model.apply_tuning(TuningConfig(vision="full", connector="full", decoder="frozen"))
     assert model.train().features.training
+
+
+def test_instruction_aware_qformer_reads_the_prompt_but_never_the_answer():
+    """InstructBLIP: the visual tokens depend on the question; the target tokens (labels != -100),
+    padding and placeholders are not read, so a training forward sees what generation sees."""
+    torch.manual_seed(0)
+    model = make_vlm(connector="qformer")
+    model.connector = build_connector(ConnectorConfig(kind="qformer", num_tokens=4, width=16, num_heads=2,
+                                                      instruction=True), 24, 32)
+    images = torch.randn(1, 3, 16, 16)
+    prompt = [5] + [IMG] * 4 + [6, 7]
+    answer_a, answer_b = prompt + [10, 11], prompt + [20, 21]
+    labels = lambda ids: torch.tensor([[-100] * len(prompt) + ids[len(prompt):]])  # noqa: E731
+    va = model.encode_images(images, torch.tensor([answer_a]), None, labels(answer_a))
+    vb = model.encode_images(images, torch.tensor([answer_b]), None, labels(answer_b))
+    vp = model.encode_images(images, torch.tensor([prompt]))
+    torch.testing.assert_close(va, vb)
+    torch.testing.assert_close(va, vp)
+    padded = model.encode_images(images, torch.tensor([[0, 0] + prompt]), torch.tensor([[0, 0] + [1] * len(prompt)]))
+    torch.testing.assert_close(padded, vp)
+    other = model.encode_images(images, torch.tensor([[9] + [IMG] * 4 + [6, 7]]))
+    assert (other - vp).abs().max() > 1e-4  # another question, other visual tokens
+    with pytest.raises(ValueError, match="input_ids"):
+        model.encode_images(images)
+    with pytest.raises(ConfigError, match="only the qformer"):
+        ConnectorConfig(kind="mlp", instruction=True)
+    model.apply_tuning(TuningConfig(vision="frozen", connector="full", decoder="frozen"))
+    out = model(torch.tensor([answer_a]), images=images, labels=labels(answer_a))
+    out["loss"].backward()
+    assert model.connector.text_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.decoder.parameters())
+    new = model.generate(torch.tensor([prompt] * 2), None, torch.cat([images, images]), GenerationConfig(max_new_tokens=3))
+    assert new.shape == (2, 3)

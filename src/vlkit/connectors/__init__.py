@@ -35,10 +35,13 @@ class ConnectorConfig:
     scale: int = 2  # pixel_shuffle: r x r tokens -> 1
     max_frames: int = 1  # resampler: learned temporal embeddings
     cross_attention_every: int = 1  # Q-Former: cross-attention in every n-th layer (BLIP-2: 2)
+    instruction: bool = False  # Q-Former: InstructBLIP's instruction-aware queries (read the prompt's text)
 
     def __post_init__(self):
         if self.num_tokens < 1:
             raise ConfigError("num_tokens", f"must be >= 1, got {self.num_tokens}")
+        if self.instruction and self.kind != "qformer":
+            raise ConfigError("instruction", f"only the qformer connector reads the instruction, not {self.kind!r}")
 
 
 def build_connector(cfg: ConnectorConfig, in_dim: int, out_dim: int) -> nn.Module:
@@ -58,7 +61,7 @@ def build_connector(cfg: ConnectorConfig, in_dim: int, out_dim: int) -> nn.Modul
                                   cfg.mlp_ratio, cfg.max_frames)
     if k == "qformer":
         return QFormer(in_dim, out_dim, cfg.num_tokens, cfg.depth, cfg.num_heads, cfg.width, cfg.mlp_ratio,
-                       cfg.cross_attention_every)
+                       cfg.cross_attention_every, cfg.instruction)
     if k == "cabstractor":
         return CAbstractor(in_dim, out_dim, cfg.num_tokens, cfg.depth, cfg.width)
     if k == "clipcap":

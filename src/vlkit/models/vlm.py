@@ -155,9 +155,36 @@ class VLM(nn.Module):
         """Placeholder ids a prompt carries per image: K visual tokens (tokens), else one marker."""
         return self.num_visual_tokens if self.cfg.style == "tokens" else 1
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(M, C, H, W) -> visual tokens in the language model's space (M, K, C_lm)."""
-        return self.connector(self.features(images))
+    def encode_images(self, images: torch.Tensor, input_ids: Optional[torch.Tensor] = None,
+                      attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
+        """(M, C, H, W) -> visual tokens in the language model's space (M, K, C_lm). An instruction-aware
+        connector also reads, for each image, the text of its sample (``input_ids``)."""
+        feats = self.features(images)
+        if not getattr(self.connector, "reads_text", False):
+            return self.connector(feats)
+        if input_ids is None:
+            raise ValueError("this connector reads the prompt's text: pass input_ids with the images")
+        return self.connector(feats, *self.instruction(input_ids, attention_mask, labels, images.shape[0]))
+
+    def instruction(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                    num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image, the text of its sample as the frozen input embeddings (M, T, C_lm) and a mask (M, T)
+        of the tokens to read: real, not a placeholder, and not a training target (``labels`` != -100),
+        so the answer never reaches the visual tokens and training sees what generation sees: the prompt."""
+        is_img = input_ids == self.image_token_id
+        per_row = is_img.sum(1) // self.placeholders_per_image()
+        if int(per_row.sum()) != num_images:
+            raise ValueError(f"{int(per_row.sum())} images marked in the text for {num_images} images")
+        keep = ~is_img
+        if attention_mask is not None:
+            keep = keep & attention_mask.bool()
+        if labels is not None:
+            keep = keep & (labels == IGNORE_INDEX)
+        with torch.no_grad():
+            text = self.decoder.embed_tokens(input_ids.masked_fill(is_img, 0))
+        rows = torch.repeat_interleave(torch.arange(len(per_row), device=input_ids.device), per_row)
+        return text[rows], keep[rows]
 
     def _embed(self, input_ids: torch.Tensor, visual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         is_img = input_ids == self.image_token_id
@@ -250,7 +277,7 @@ class VLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 images: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> dict:
-        visual = self.encode_images(images) if images is not None else None
+        visual = self.encode_images(images, input_ids, attention_mask, labels) if images is not None else None
         embeds, is_img = self._embed(input_ids, visual)
         embeds, is_img, attention_mask = self._with_prompt(embeds, is_img, attention_mask)
         logits = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask,
@@ -266,7 +293,7 @@ class VLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], images: Optional[torch.Tensor],
                  cfg: GenerationConfig = GenerationConfig(), stop_fn=None) -> torch.Tensor:
         """New tokens (B, <= max_new_tokens) after left-padded prompts with their images."""
-        visual = self.encode_images(images) if images is not None else None
+        visual = self.encode_images(images, input_ids, attention_mask) if images is not None else None
         embeds, is_img = self._embed(input_ids, visual)
         embeds, is_img, attention_mask = self._with_prompt(embeds, is_img, attention_mask)
         ids = input_ids.new_zeros(embeds.shape[:2])  # only its shape and device are read

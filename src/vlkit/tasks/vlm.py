@@ -292,8 +292,9 @@ def build_vlm(cfg: VLMConfig) -> VLM:
     with torch.no_grad():
         feats = probe.features(torch.zeros(1, 3, cfg.transform.image_size, cfg.transform.image_size))
     connector = build_connector(cfg.connector, feats.shape[-1], decoder.cfg.hidden_size)
+    text = (torch.zeros(1, 1, decoder.cfg.hidden_size),) if getattr(connector, "reads_text", False) else ()
     with torch.no_grad():
-        k = connector(feats).shape[1]
+        k = connector(feats, *text).shape[1]
     model = VLM(vision, connector, decoder, cfg.injection, image_token_id=image_id,
                 num_visual_tokens=k, prompt_tokens=cfg.prompt_tokens)
     model.apply_tuning(cfg.tuning)
