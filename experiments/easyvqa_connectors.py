@@ -43,14 +43,20 @@ def run_row(row: str, args) -> None:
 
 
 def model_facts(run: Path) -> dict:
-    """Trainable parameters and visual tokens per image: from eval.json, else rebuilt from the run's model."""
-    doc = json.loads((run / "eval.json").read_text())
+    """Trainable parameters and visual tokens per image: from eval.json, else rebuilt from the run's
+    model (or, for a stopped run, from its config)."""
+    path = run / "eval.json"
+    doc = json.loads(path.read_text()) if path.is_file() else {}
     if "model" in doc:
         return doc["model"]
+    from vlkit.config import from_dict
     from vlkit.models.peft import trainable_summary
-    from vlkit.tasks.vlm import load_vlm
+    from vlkit.tasks.vlm import VLMConfig, build_vlm, load_vlm
 
-    model = load_vlm(run)[0]  # built with the run's tuning: requires_grad marks what trained
+    if (run / "model").is_dir():
+        model = load_vlm(run)[0]  # built with the run's tuning: requires_grad marks what trained
+    else:
+        model = build_vlm(from_dict(VLMConfig, yaml.safe_load((run / "config.yaml").read_text())))
     return {"trainable_parameters": {"total": trainable_summary(model)["total"]},
             "visual_tokens_per_image": model.num_visual_tokens}
 
@@ -67,11 +73,34 @@ def _rescored(run: Path) -> dict:
     return json.loads(path.read_text())["eval"]["test"] if path.is_file() else {}
 
 
-def table_row(row: str, root: Path) -> list | None:
-    path = root / row / "eval.json"
+def _stopped_run(run: Path) -> dict | None:
+    """A run stopped before its end (no eval.json): its last evaluation on the same test questions,
+    from metrics.jsonl, in eval.json's shape; steps marked as stopped."""
+    path = run / "metrics.jsonl"
     if not path.is_file():
         return None
-    doc = json.loads(path.read_text())
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    evals = [r for r in rows if "vqa_accuracy" in r]
+    if not evals:
+        return None
+    last, trains = evals[-1], [r for r in rows if r.get("split") == "train" and r["step"] <= evals[-1]["step"]]
+    seconds = last.get("elapsed_s", 0.0)
+    summary = {"steps": f"{last['step']} (stopped)", "seconds": seconds,
+               "samples_per_s": last["step"] * _batch(run) / seconds if seconds else 0.0,
+               "last_train": {"loss": trains[-1]["loss"]} if trains else {}}
+    return {"eval": {"test": {k: v for k, v in last.items() if k == "vqa_accuracy" or k.startswith("acc_")}},
+            "train": summary}
+
+
+def _batch(run: Path) -> int:
+    return yaml.safe_load((run / "config.yaml").read_text())["train"]["batch_size"]
+
+
+def table_row(row: str, root: Path) -> list | None:
+    path = root / row / "eval.json"
+    doc = json.loads(path.read_text()) if path.is_file() else _stopped_run(root / row)
+    if doc is None:
+        return None
     cfg = yaml.safe_load((root / row / "config.yaml").read_text())
     style, vision = cfg["injection"]["style"], cfg["vision"]["kind"]
     vision = Path(cfg["vision"]["path"]).name + " ViT" if vision == "run" else vision
