@@ -1,8 +1,12 @@
-"""Is the frozen image encoder the bottleneck on easy-VQA? Linear probes (L-BFGS logistic regression
-on standardised, spatially averaged features) for the shape and the colour of easy-VQA images,
-trained on train images and scored on test images, for each feature extraction the VLM recipes can use.
+"""Where is easy-VQA's bottleneck with frozen parts? Two measurements:
 
-    .venv/bin/python experiments/easyvqa_probe.py --images 1500 --threads 2
+1. the image encoder: linear probes (L-BFGS logistic regression on standardised, spatially averaged
+   features) for the shape and the colour of easy-VQA images, trained on train images and scored on
+   test images, for each feature extraction the VLM recipes can use;
+2. the language model (``--oracle``): frozen SmolLM2-135M-Instruct answering the yes/no questions from
+   a PERFECT description ("The image shows a blue circle."), with its chat template and greedy decoding.
+
+    .venv/bin/python experiments/easyvqa_probe.py --images 1500 --threads 2 [--oracle 200]
 
 Labels come from the questions themselves (an image's answer to "what color ..." / "what shape ...").
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,13 +75,50 @@ def probe_accuracy(train: torch.Tensor, test: torch.Tensor, y_train: list[str], 
         return ((b @ w + bias).argmax(1) == y_test_ids).float().mean().item() * 100
 
 
+def yes_no_from_text(limit: int) -> dict:
+    """Frozen SmolLM2's yes/no accuracy (%) from a perfect description, overall and on negated questions."""
+    import re
+
+    import easy_vqa
+
+    from vlkit.cli import load_recipe
+    from vlkit.decoders.generate import GenerationConfig, generate, left_pad
+    from vlkit.tasks.vlm import ConversationEncoder, build_decoder, build_text
+
+    cfg, _ = load_recipe("vlm_easyvqa", ["system="])
+    lm = build_decoder(cfg).eval()
+    tok, chat, eos = build_text(cfg, Path("."), None)
+    encoder = ConversationEncoder(tok, chat, lm.cfg.vocab_size, 1, eos, cfg.system)
+    questions, answers, image_ids = easy_vqa.get_test_questions()
+    colour = {i: a for a, i in zip(answers, image_ids) if a in COLORS}
+    shape = {i: a for a, i in zip(answers, image_ids) if a in SHAPES}
+    rows = [(q, a, i) for q, a, i in zip(questions, answers, image_ids)
+            if a in ("yes", "no") and i in colour and i in shape][:limit]
+    right = {"all": [], "negated": []}
+    for j in range(0, len(rows), 50):
+        chunk = rows[j:j + 50]
+        prompts = [encoder.prompt([{"role": "user", "content": f"The image shows a {colour[i]} {shape[i]}.\n{q} "
+                                    "Answer yes or no."}]) for q, _, i in chunk]
+        ids, mask = left_pad(prompts, tok.pad_id)
+        out = generate(lm, ids, mask, GenerationConfig(max_new_tokens=2))
+        for (q, a, _), new in zip(chunk, out.tolist()):
+            ok = tok.decode(new).strip().lower().startswith(a)
+            right["all"].append(ok)
+            if re.search(r"\b(not|no)\b", q):
+                right["negated"].append(ok)
+    return {k: 100 * sum(v) / max(len(v), 1) for k, v in right.items()} | {"questions": len(rows)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=1500, help="labelled images per split")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--oracle", type=int, default=0, help="also: yes/no questions answered from a perfect description")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.oracle:
+        print("frozen SmolLM2-135M-Instruct, yes/no from a perfect description:", yes_no_from_text(args.oracle))
     net = build_classifier(ClassifierConfig(arch="efficientnet_lite0", num_classes=1, pretrained=True,
                                             input_mean=MEAN, input_std=STD, convnet_size=128)).eval()
     train_x, train_colour, train_shape = labelled_images("train", args.images)
