@@ -3,6 +3,7 @@ Flamingo gated cross-attention (= the bare LM at init, per-image media masking),
 KV-cached generation equals step-by-step full forwards in every style."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vlkit.config import ConfigError
 from vlkit.connectors import ConnectorConfig, build_connector
@@ -112,9 +113,14 @@ def test_loss_only_on_labelled_tokens():
     labels = torch.full_like(ids, -100)
     labels[:, -2:] = ids[:, -2:]
     out = model(ids, mask, images, labels)
-    logp = out["logits"][:, -3:-1].log_softmax(-1)
+    logp = model(ids, mask, images)["logits"][:, -3:-1].log_softmax(-1)
     ref = -logp.gather(-1, ids[:, -2:, None]).mean()
-    assert torch.allclose(out["loss"], ref, atol=1e-6)
+    assert set(out) == {"loss"} and torch.allclose(out["loss"], ref, atol=1e-6)
+    full = F.cross_entropy(model(ids, mask, images)["logits"][:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    assert torch.allclose(out["loss"], full, atol=1e-6)  # the same as projecting every position
+    nothing = model(ids, mask, images, torch.full_like(ids, -100))["loss"]  # answers cut off by max_length
+    nothing.backward()
+    assert float(nothing) == 0.0
 
 
 @pytest.mark.parametrize("vision,connector,decoder,prompt", [("frozen", "full", "frozen", 0),

@@ -122,7 +122,8 @@ class GatedCrossAttentionBlock(nn.Module):
 
 class VLM(nn.Module):
     """forward(input_ids (B, T), attention_mask (B, T), images (M, C, H, W) in order of appearance,
-    labels (B, T) | None) -> {"logits" (B, T, V), "loss" (when labels; -100 ignored)}."""
+    labels (B, T) | None) -> {"logits" (B, T, V)} without labels, {"loss"} with them (-100 ignored; the
+    vocabulary projection only where a target is)."""
 
     def __init__(self, vision: nn.Module, connector: nn.Module, decoder: CausalLM, cfg: InjectionConfig,
                  image_token_id: int, num_visual_tokens: int, prompt_tokens: int = 0):
@@ -280,14 +281,23 @@ class VLM(nn.Module):
         visual = self.encode_images(images, input_ids, attention_mask, labels) if images is not None else None
         embeds, is_img = self._embed(input_ids, visual)
         embeds, is_img, attention_mask = self._with_prompt(embeds, is_img, attention_mask)
-        logits = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask,
-                              layer_hook=self._hook(visual, is_img))
-        logits = logits[:, logits.shape[1] - input_ids.shape[1]:]  # drop the soft prompt's positions
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                                          ignore_index=IGNORE_INDEX)
-        return out
+        hidden = self.decoder.forward_hidden(inputs_embeds=embeds, attention_mask=attention_mask,
+                                             layer_hook=self._hook(visual, is_img))
+        hidden = hidden[:, hidden.shape[1] - input_ids.shape[1]:]  # drop the soft prompt's positions
+        if labels is None:
+            return {"logits": self.decoder.lm_head(hidden).float()}
+        return {"loss": self.loss(hidden, labels)}
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy, the vocabulary projection only at the positions whose next token is
+        a target: with answers of a few tokens after a long prompt and a 49k vocabulary, projecting
+        every position was a quarter of a training step."""
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self.decoder.lm_head(hidden[:, :-1][keep]).float()
+        if not len(logits):  # every answer cut off by max_length: nothing to learn, not a NaN
+            return logits.sum()
+        return F.cross_entropy(logits, targets[keep])
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], images: Optional[torch.Tensor],
