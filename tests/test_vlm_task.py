@@ -218,3 +218,28 @@ def test_easy_vqa_samples_carry_their_answer_type():
         answer = sample["messages"][-1]["content"]
         assert sample["question_type"] == easy_vqa_answer_type(answer)
     assert [easy_vqa_answer_type(a) for a in ("no", "teal", "triangle")] == ["yes/no", "colour", "shape"]
+
+
+def test_image_position_after_moves_the_image_mark_behind_the_first_prompt():
+    from dataclasses import replace
+
+    from vlkit.config import ConfigError, from_dict
+    from vlkit.tasks.vlm import VLMConfig, build_datasets
+    from vlkit.data.vl import IMAGE, user_turn
+
+    cfg = from_dict(VLMConfig, {"data": {"dataset": "world_vqa", "eval_limit": 8, "image_position": "after",
+                                         "world": {"image_size": 16, "train_length": 4, "val_length": 2,
+                                                   "test_length": 2, "compositional_length": 2}}})
+    train, evals = build_datasets(cfg)
+    before = build_datasets(replace(cfg, data=replace(cfg.data, image_position="before")))[0]
+    for i in range(len(train)):
+        (user, answer), (user0, answer0) = train[i]["messages"], before[i]["messages"]
+        assert user0["content"].startswith(IMAGE + "\n") and answer == answer0
+        assert user["content"] == user0["content"][len(IMAGE) + 1:] + "\n" + IMAGE
+        assert train[i]["image"].tobytes() == before[i]["image"].tobytes()
+    assert all(evals[k][0]["messages"][0]["content"].endswith(IMAGE) for k in evals)
+    assert user_turn("Q?", "after") == "Q?\n<image>" and user_turn("Q?") == "<image>\nQ?"
+    with pytest.raises(ValueError, match="image_position"):
+        user_turn("Q?", "middle")
+    with pytest.raises(ConfigError):
+        from_dict(VLMConfig, {"data": {"image_position": "middle"}})

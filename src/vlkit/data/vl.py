@@ -34,6 +34,38 @@ IMAGE = "<image>"
 CAPTION_PROMPT = "Describe the image."
 
 
+def user_turn(prompt: str, image_position: str = "before") -> str:
+    """The first user turn: the ``<image>`` mark before the prompt (LLaVA's order) or after it (the
+    visual tokens then sit right before the answer, after the question they may have read)."""
+    if image_position not in ("before", "after"):
+        raise ValueError(f"image_position must be 'before' or 'after', not {image_position!r}")
+    return f"{IMAGE}\n{prompt}" if image_position == "before" else f"{prompt}\n{IMAGE}"
+
+
+class ImageAfterPrompt(Dataset):
+    """A single-image dataset whose first user turn ``"<image>\n{prompt}"`` becomes ``"{prompt}\n<image>"``
+    (``data.image_position: after``); other samples unchanged."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        if hasattr(dataset, "messages"):
+            self.messages = lambda i: self._moved(dataset.messages(i))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @staticmethod
+    def _moved(messages: list[dict]) -> list[dict]:
+        first, head = messages[0], f"{IMAGE}\n"
+        if first["role"] != "user" or not first["content"].startswith(head):
+            return messages
+        return [first | {"content": user_turn(first["content"][len(head):], "after")}] + messages[1:]
+
+    def __getitem__(self, i: int) -> Optional[dict]:
+        sample = self.dataset[i]
+        return sample if sample is None else sample | {"messages": self._moved(sample["messages"])}
+
+
 def single_turn(image, prompt: str, answer: str, references: list[str], sid: str) -> dict:
     return {"image": image, "messages": [{"role": "user", "content": f"{IMAGE}\n{prompt}"},
                                          {"role": "assistant", "content": answer}],

@@ -28,8 +28,8 @@ from vlkit.data.base import TransformedDataset, collate
 from vlkit.data.chat import ChatTemplate
 from vlkit.data.tokenizers import TextTokenizer, train_bpe
 from vlkit.data.transforms import TransformConfig, build_transform
-from vlkit.data.vl import IMAGE, CocoCaptions, EasyVQA, Interleave, InterleavedDocuments, LlavaConversations, \
-    WorldCaptions, WorldVQA
+from vlkit.data.vl import IMAGE, CocoCaptions, EasyVQA, ImageAfterPrompt, Interleave, InterleavedDocuments, \
+    LlavaConversations, WorldCaptions, WorldVQA, user_turn
 from vlkit.data.world import WorldConfig
 from vlkit.decoders.causal_lm import CausalLM, DecoderConfig
 from vlkit.decoders.generate import GenerationConfig, left_pad
@@ -75,6 +75,7 @@ class VLMDataConfig:
     train_limit: int = 0  # 0 = all (world: world.train_length scenes)
     eval_limit: int = 200  # samples of each evaluated split
     qa_per_scene: int = 4  # world_vqa
+    image_position: Literal["before", "after"] = "before"  # the image mark before or after the first prompt
     train: str = ""  # coco / llava / documents: annotation JSON (documents: or JSON lines) of the training split
     val: str = ""
     image_root: str = ""  # coco / llava: folder the image paths are relative to
@@ -180,6 +181,13 @@ class ConversationEncoder:
 def build_datasets(cfg: VLMConfig) -> tuple[Dataset, dict[str, Dataset]]:
     """Raw (untransformed) training set and evaluation splits by name, validation first. world_mix
     trains on captions and questions alternately and evaluates ``<split>_caption`` / ``<split>_vqa``."""
+    train, evals = _datasets(cfg)
+    if cfg.data.image_position == "after":
+        train, evals = ImageAfterPrompt(train), {k: ImageAfterPrompt(v) for k, v in evals.items()}
+    return train, evals
+
+
+def _datasets(cfg: VLMConfig) -> tuple[Dataset, dict[str, Dataset]]:
     d, limit = cfg.data, cfg.data.train_limit or None
     if d.dataset.startswith("world"):
         return _world_datasets(cfg, limit)
@@ -625,7 +633,8 @@ def answer_files(run: str | Path, images, prompt: str, int8: bool = False) -> li
         except BadImageError as e:
             out.append({"path": str(path), "error": e.reason})
             continue
-        ids = torch.tensor([encoder.prompt([{"role": "user", "content": f"{IMAGE}\n{prompt}"}])])
+        turn = {"role": "user", "content": user_turn(prompt, cfg.data.image_position)}
+        ids = torch.tensor([encoder.prompt([turn])])
         new = model.generate(ids, None, pixels[None], cfg.generation)[0].tolist()
         out.append({"path": str(path), "answer": _decode(encoder.tok, new)})
     return out
@@ -640,7 +649,7 @@ class ChatSession:
         self.messages: list[dict] = []
 
     def ask(self, question: str) -> str:
-        content = f"{IMAGE}\n{question}" if not self.messages else question
+        content = question if self.messages else user_turn(question, self.cfg.data.image_position)
         self.messages.append({"role": "user", "content": content})
         ids = torch.tensor([self.encoder.prompt(self.messages)])
         new = self.model.generate(ids, None, self.pixels, self.cfg.generation)[0].tolist()
