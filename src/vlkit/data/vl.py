@@ -67,7 +67,7 @@ class ImageAfterPrompt(Dataset):
 
 
 def single_turn(image, prompt: str, answer: str, references: list[str], sid: str) -> dict:
-    return {"image": image, "messages": [{"role": "user", "content": f"{IMAGE}\n{prompt}"},
+    return {"image": image, "messages": [{"role": "user", "content": user_turn(prompt)},
                                          {"role": "assistant", "content": answer}],
             "references": references, "id": sid}
 
