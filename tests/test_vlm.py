@@ -113,10 +113,11 @@ def test_loss_only_on_labelled_tokens():
     labels = torch.full_like(ids, -100)
     labels[:, -2:] = ids[:, -2:]
     out = model(ids, mask, images, labels)
-    logp = model(ids, mask, images)["logits"][:, -3:-1].log_softmax(-1)
+    logits = model(ids, mask, images)["logits"]
+    logp = logits[:, -3:-1].log_softmax(-1)
     ref = -logp.gather(-1, ids[:, -2:, None]).mean()
     assert set(out) == {"loss"} and torch.allclose(out["loss"], ref, atol=1e-6)
-    full = F.cross_entropy(model(ids, mask, images)["logits"][:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    full = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
     assert torch.allclose(out["loss"], full, atol=1e-6)  # the same as projecting every position
     nothing = model(ids, mask, images, torch.full_like(ids, -100))["loss"]  # answers cut off by max_length
     nothing.backward()

@@ -224,8 +224,8 @@ def test_image_position_after_moves_the_image_mark_behind_the_first_prompt():
     from dataclasses import replace
 
     from vlkit.config import ConfigError, from_dict
-    from vlkit.tasks.vlm import VLMConfig, build_datasets
     from vlkit.data.vl import IMAGE, user_turn
+    from vlkit.tasks.vlm import VLMConfig, build_datasets
 
     cfg = from_dict(VLMConfig, {"data": {"dataset": "world_vqa", "eval_limit": 8, "image_position": "after",
                                          "world": {"image_size": 16, "train_length": 4, "val_length": 2,
