@@ -26,9 +26,16 @@ WORLD = ["data.world.train_length=32", "data.world.val_length=4", "data.world.te
 
 def test_world_caption_trains_reports_and_reloads(tmp_path, capsys, monkeypatch):
     run = tmp_path / "cap"
+    import vlkit.tasks.vlm as task
+
+    scored, evaluate_split = [], task.evaluate_split
+    monkeypatch.setattr(task, "evaluate_split", lambda *a: scored.append(a[-1]) or evaluate_split(*a))
     assert main(["train", "vlm_world_caption", *TINY, *SCRATCH, *WORLD, "--run-dir", str(run)]) == 0
+    assert scored == ["val", "test", "compositional"]  # the trainer's last evaluation of "val" is not redone
+    monkeypatch.undo()
     doc = json.loads((run / "eval.json").read_text())
     assert set(doc["eval"]) == {"val", "test", "compositional"} and "CIDEr" in doc["eval"]["test"]
+    assert doc["train"]["last_eval"] == {k: v for k, v in doc["eval"]["val"].items() if k in doc["train"]["last_eval"]}
     assert doc["protocol"]["decoding"] == "greedy" and "Describe the image." in doc["protocol"]["prompt_example"]
     samples = json.loads((run / "samples.json").read_text())
     assert len(samples["test"]) == 4 and all(isinstance(s["prediction"], str) for s in samples["test"])

@@ -489,10 +489,15 @@ def train(cfg: VLMConfig, run_dir: str | Path | None = None, resume: bool = Fals
     encoder = ConversationEncoder(tok, chat, model.image_token_id, model.placeholders_per_image(), eos, cfg.system)
     evals = {k: _wrap(v, cfg, False) for k, v in evals_raw.items()}
     first = next(iter(evals), None)
-    eval_fn = (lambda m: evaluate_split(m, evals[first], encoder, cfg, first)[0]) if first is not None else None
+    last: dict = {}  # the trainer's evaluation at its last step is the final one: kept, not redone
+
+    def eval_fn(m: VLM) -> dict:
+        last["step"], (last["metrics"], last["answers"]) = trainer.step, evaluate_split(m, evals[first], encoder, cfg, first)
+        return last["metrics"]
+
     lengths = sample_lengths(train_raw, encoder, cfg.max_length) if cfg.train.group_by_length else None
     trainer = Trainer(model, objective_fn(encoder, cfg.max_length), _wrap(train_raw, cfg, True), cfg.train, run_dir,
-                      eval_fn=eval_fn, lengths=lengths)
+                      eval_fn=eval_fn if first is not None else None, lengths=lengths)
     summary = trainer.fit(resume=resume)
     model = trainer.final_model()
     result = {"run_dir": str(run_dir), "summary": summary}
@@ -502,7 +507,10 @@ def train(cfg: VLMConfig, run_dir: str | Path | None = None, resume: bool = Fals
             tok.save(run_dir / "model" / "tokenizer")  # the model folder is usable on its own
         result["eval"], samples = {}, {}
         for name, ds in evals.items():
-            result["eval"][name], answers = evaluate_split(model, ds, encoder, cfg, name)
+            if name == first and last.get("step") == trainer.step:
+                result["eval"][name], answers = last["metrics"], last["answers"]
+            else:
+                result["eval"][name], answers = evaluate_split(model, ds, encoder, cfg, name)
             samples[name] = answers[:50]
         result["protocol"] = protocol(cfg, encoder, evals_raw[next(iter(evals_raw))][0]) if evals else {}
         model_facts = {"trainable_parameters": trainable, "visual_tokens_per_image": model.num_visual_tokens}
