@@ -260,3 +260,38 @@ def test_instruction_aware_qformer_reads_the_prompt_but_never_the_answer():
     assert all(p.grad is None for p in model.decoder.parameters())
     new = model.generate(torch.tensor([prompt] * 2), None, torch.cat([images, images]), GenerationConfig(max_new_tokens=3))
     assert new.shape == (2, 3)
+
+
+def test_shared_prefix_is_computed_once_with_the_same_loss_and_gradients():
+    """With a frozen language model, the tokens every row shares before its first image (system prompt,
+    chat header) are computed for one row only and not backpropagated: loss and gradients unchanged."""
+    model = make_vlm("tokens", connector="mlp")
+    model.apply_tuning(TuningConfig(vision="frozen", connector="full", decoder="frozen"))
+    model.train()
+    head, img = [3, 4, 5], [IMG] * model.placeholders_per_image()
+    rows = [head + img + [6, 7, 8, 9], head + img + [10, 11], head + img + [12, 13, 14]]  # right padding
+    ids = torch.zeros(3, 11, dtype=torch.long)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+        labels[i, len(r) - 2:len(r)] = ids[i, len(r) - 2:len(r)]
+    images = torch.randn(3, 3, 16, 16)
+    assert model.shared_prefix(ids, mask, labels) == 3
+    results = []
+    for share in (True, False):
+        model.share_prefix = share
+        model.zero_grad()
+        loss = model(ids, mask, images, labels)["loss"]
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.connector.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert all(p.grad is None for p in model.decoder.parameters())
+    model.share_prefix = True
+    labels[0, 2] = 5  # a target inside the shared tokens: only the positions before it are shared
+    assert model.shared_prefix(ids, mask, labels) == 1
+    ids[1, 0] = 9  # rows that differ from the first token on: nothing shared
+    assert model.shared_prefix(ids, mask, labels) == 0
+    model.apply_tuning(TuningConfig(vision="frozen", connector="full", decoder="lora"))
+    assert model.shared_prefix(ids[:, 1:], mask[:, 1:], labels[:, 1:] * 0 - 100) == 0  # a trainable decoder

@@ -34,6 +34,7 @@ from torch import nn
 from vlkit.decoders.causal_lm import CausalLM
 from vlkit.decoders.generate import GenerationConfig, generate
 from vlkit.nn.attention import Attention
+from vlkit.nn.kv_cache import SharedPrefix
 from vlkit.nn.mlp import Mlp
 
 IGNORE_INDEX = -100
@@ -143,6 +144,7 @@ class VLM(nn.Module):
         if cfg.style == "inject" and len(self.inject_layers) != cfg.num_layers:
             raise ValueError(f"inject: {len(self.inject_layers)} layers for {cfg.num_layers} visual tokens")
         self.frozen_parts: tuple[str, ...] = ()  # set by apply_tuning; kept in eval mode
+        self.share_prefix = True  # see shared_prefix (off: every position through the whole batch)
 
     def train(self, mode: bool = True) -> "VLM":
         """Frozen components stay in eval mode (BLIP-2 keeps its frozen ViT so): their BatchNorm statistics
@@ -281,12 +283,36 @@ class VLM(nn.Module):
         visual = self.encode_images(images, input_ids, attention_mask, labels) if images is not None else None
         embeds, is_img = self._embed(input_ids, visual)
         embeds, is_img, attention_mask = self._with_prompt(embeds, is_img, attention_mask)
-        hidden = self.decoder.forward_hidden(inputs_embeds=embeds, attention_mask=attention_mask,
-                                             layer_hook=self._hook(visual, is_img))
-        hidden = hidden[:, hidden.shape[1] - input_ids.shape[1]:]  # drop the soft prompt's positions
+        P = self.shared_prefix(input_ids, attention_mask, labels) if labels is not None else 0
+        cache = self._prefix_cache(embeds[:1, :P]) if P else None
+        hidden = self.decoder.forward_hidden(inputs_embeds=embeds[:, P:], cache=cache, layer_hook=self._hook(visual, is_img),
+                                             attention_mask=None if attention_mask is None else attention_mask[:, P:])
+        hidden = hidden[:, hidden.shape[1] - (input_ids.shape[1] - P):]  # drop the soft prompt's positions
         if labels is None:
             return {"logits": self.decoder.lm_head(hidden).float()}
-        return {"loss": self.loss(hidden, labels)}
+        return {"loss": self.loss(hidden, labels[:, P:])}
+
+    def shared_prefix(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], labels: torch.Tensor) -> int:
+        """How many leading positions a training forward computes once for the whole batch: with a frozen
+        language model and spliced visual tokens, the tokens before the first image that every row shares
+        (the system prompt and the chat header, a fifth of an easy-VQA sample) are the same constants in
+        every row and every step; their keys and values come from one row, and nothing is backpropagated
+        through them. 0 when the model or the batch does not allow it (trainable decoder parameters,
+        a soft prompt, other injections, left padding)."""
+        if (not self.share_prefix or self.cfg.style != "tokens" or self.prompt is not None or input_ids.shape[0] < 2
+                or any(p.requires_grad for p in self.decoder.parameters())):
+            return 0
+        same = (input_ids == input_ids[:1]).all(0) & (input_ids[0] != self.image_token_id)
+        if attention_mask is not None:
+            same &= attention_mask.bool().all(0)
+        quiet = (labels[:, 1:] == IGNORE_INDEX).all(0)  # no target predicted from positions 0 .. P-1
+        return min(int(same.long().cumprod(0).sum()), int(quiet.long().cumprod(0).sum()))
+
+    @torch.no_grad()
+    def _prefix_cache(self, embeds: torch.Tensor) -> SharedPrefix:
+        cache = self.decoder.new_cache(1, embeds.shape[1])
+        self.decoder.forward_hidden(inputs_embeds=embeds, cache=cache)
+        return SharedPrefix(cache.k, cache.v)
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Next-token cross-entropy, the vocabulary projection only at the positions whose next token is

@@ -65,3 +65,30 @@ class KVCache:
         self.k = self.k.index_select(1, index)
         self.v = self.v.index_select(1, index)
         self.key_mask = self.key_mask.index_select(0, index)
+
+
+class SharedPrefix:
+    """The keys and values of a prefix that every row of a batch shares, computed once for one row
+    ((layers, 1, H_kv, P, D) tensors; a frozen language model's system prompt and chat header): the
+    :class:`KVCache` interface for a training forward of the rest of the sequence. Concatenated, not
+    written in place, so gradients flow through the new positions; never extended (``advance`` keeps
+    it at the prefix), so one object serves any number of forwards."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+        self.length = k.shape[3]
+        self.padded = False
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, H_kv, T, D) of the new tokens -> the prefix's and theirs (B, H_kv, P + T, D)."""
+        B = k.shape[0]
+        return (torch.cat([self.k[layer].to(k.dtype).expand(B, -1, -1, -1), k], 2),
+                torch.cat([self.v[layer].to(v.dtype).expand(B, -1, -1, -1), v], 2))
+
+    def add_keys(self, mask: torch.Tensor, all_real: bool = False) -> torch.Tensor:
+        """The prefix is all real tokens; ``mask`` (B, T) marks the new ones -> (B, P + T)."""
+        self.padded = self.padded or not (all_real or bool(mask.all()))
+        return torch.cat([mask.new_ones(mask.shape[0], self.length), mask], 1)
+
+    def advance(self, n: int) -> None:
+        """A training forward does not extend the shared prefix."""
