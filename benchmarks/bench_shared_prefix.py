@@ -54,17 +54,17 @@ def main() -> None:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses[share] = float(loss)
+            losses[share] = loss.item()
         return step
 
     steps = {True: step_fn(True), False: step_fn(False)}
     for s in steps.values():
-        time_steps(s, "cpu", 1)
+        time_steps(s, torch.device("cpu"), 1)
     opt.param_groups[0]["lr"] = 0.0  # the timed steps leave the weights as they are: the losses compare
     times = {True: [], False: []}
     for r in range(args.rounds):
         for share in ((True, False) if r % 2 == 0 else (False, True)):
-            times[share].append(time_steps(steps[share], "cpu", args.iters))
+            times[share].append(time_steps(steps[share], torch.device("cpu"), args.iters))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(json.dumps({"recipe": args.recipe, "batch": args.batch, "tokens": int(mask.sum()), "seq_len": ids.shape[1],
                       "shared_prefix": model.shared_prefix(ids, mask, labels), "threads": args.threads,
