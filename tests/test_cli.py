@@ -100,3 +100,9 @@ def test_quickstart_all_adds_the_dense_stages(tmp_path):
 
     for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):  # every picture the report shows exists
         assert (tmp_path / "qs" / link).is_file(), link
+
+
+def test_eval_of_a_continual_run_points_to_its_eval_json(tmp_path):
+    (tmp_path / "config.yaml").write_text("task: continual\n")
+    with pytest.raises(SystemExit, match="evaluated at the end of training"):
+        main(["eval", str(tmp_path)])

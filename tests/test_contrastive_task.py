@@ -27,6 +27,10 @@ def test_clip_world_trains_and_reports_retrieval(tmp_path, capsys, loss):
     assert (run / "tokenizer" / "tokenizer.json").exists() and doc["train"]["steps"] == 6
     model = vlkit.load(run)
     assert model.text.cfg.vocab_size <= 600 and model.visual_proj.out_features == 16
+    assert main(["eval", str(run)]) == 0  # the saved model and tokenizer score what the end of training scored
+    assert json.loads((run / "eval-cli.json").read_text())["eval"] == doc["eval"]
+    assert main(["eval", str(run), "eval_limit=16"]) == 0 and "| compositional |" in capsys.readouterr().out
+    assert all(m["t2i_mean_rank"] <= 16 for m in json.loads((run / "eval-cli.json").read_text())["eval"].values())
 
 
 def test_clip_config_errors_name_the_field():

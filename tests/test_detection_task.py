@@ -24,6 +24,8 @@ def test_detr_world_trains_and_reports_ap(tmp_path):
         assert {"AP", "AP50", "AP75"} <= set(doc["eval"][split]) and 0 <= doc["eval"][split]["AP50"] <= 100
     model = vlkit.load(run)
     assert model(torch.randn(1, 3, 64, 64))["boxes"].shape == (1, 10, 4)
+    assert main(["eval", str(run)]) == 0  # the saved model scores what the end of training scored
+    assert json.loads((run / "eval-cli.json").read_text())["eval"] == doc["eval"]
     with pytest.raises(ConfigError, match="num_queries"):
         load_recipe("detr_world", ["detr.num_queries=2"])
 

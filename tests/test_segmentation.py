@@ -47,6 +47,8 @@ def test_segmenter_recipes_train_and_report_miou(tmp_path, recipe):
     doc = json.loads((run / "eval.json").read_text())
     assert 0 <= doc["eval"]["test"]["mIoU"] <= 100 and "pixel_acc" in doc["eval"]["compositional"]
     assert vlkit.load(run)(torch.randn(1, 3, 64, 64)).shape == (1, 9, 64, 64)
+    assert main(["eval", str(run)]) == 0  # the saved model scores what the end of training scored
+    assert json.loads((run / "eval-cli.json").read_text())["eval"] == doc["eval"]
 
 
 def test_segmenter_trains_on_coco_format_masks(tmp_path):

@@ -105,26 +105,21 @@ def print_eval(evals: dict) -> None:
             print(f"| {split} | " + " | ".join(f"{m[k]:.2f}" for k in keys) + " |")
 
 
+EVALUATED = ("classification", "contrastive", "detection", "segmentation", "vlm")  # tasks vlkit eval re-scores
+
+
 def cmd_eval(args) -> int:
-    import vlkit
-    from vlkit.config import load_config, read_yaml
-    from vlkit.tasks.classification import ClassificationConfig, evaluate_model
-    from vlkit.tasks.data import build_splits
+    import importlib
+
+    from vlkit.config import read_yaml
 
     run = Path(args.run)
     task = (read_yaml(run / "config.yaml") or {}).get("task", "classification")
-    if task == "vlm":
-        from vlkit.tasks.vlm import evaluate_run
-
-        doc = evaluate_run(run, args.overrides)
-        evals = doc["eval"]
-    elif task == "classification":
-        cfg = load_config(ClassificationConfig, run / "config.yaml", args.overrides)
-        model = vlkit.load(run)
-        evals = doc = evaluate_model(model, build_splits(cfg.data), cfg.data, cfg.eval_batch_size)
-    else:
-        raise SystemExit(f"error: vlkit eval takes classification and vlm runs; a {task} run is evaluated at the "
-                         f"end of training ({run / 'eval.json'})")
+    if task not in EVALUATED:
+        raise SystemExit(f"error: vlkit eval takes {', '.join(EVALUATED)} runs; a {task} run is evaluated at "
+                         f"the end of training ({run / 'eval.json'})")
+    doc = importlib.import_module(f"vlkit.tasks.{task}").evaluate_run(run, args.overrides)
+    evals = doc["eval"]
     print_eval(evals)
     out = run / "eval-cli.json"
     out.write_text(json.dumps(doc, indent=2))

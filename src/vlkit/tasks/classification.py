@@ -167,6 +167,15 @@ def evaluate_model(model: nn.Module, splits: Splits, cfg: DataConfig, batch_size
     return out
 
 
+def evaluate_run(run: str | Path, overrides: list[str] = ()) -> dict:
+    """``vlkit eval`` of a classification run: its saved model scored again on its splits, the data
+    optionally changed by ``overrides`` (``data.eval_limit=...``) -> {"eval": {split: metrics}}."""
+    from vlkit.config import load_config
+
+    cfg = load_config(ClassificationConfig, Path(run) / "config.yaml", list(overrides))
+    return {"eval": evaluate_model(load(run), build_splits(cfg.data), cfg.data, cfg.eval_batch_size)}
+
+
 def train(cfg: ClassificationConfig, run_dir: str | Path | None = None, resume: bool = False) -> dict:
     """Train, export and evaluate the recipe ``cfg``. Returns ``{"run_dir", "summary", "eval"}``."""
     run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name)

@@ -255,6 +255,20 @@ def build_model(cfg: ContrastiveConfig, tokenizer: TextTokenizer) -> tuple[Contr
     return cfg, model
 
 
+def evaluate_run(run: str | Path, overrides: list[str] = ()) -> dict:
+    """``vlkit eval`` of a contrastive run: its saved model and tokenizer scored again (zero-shot top-1,
+    retrieval on the world) on every evaluation split, the data or prompt templates optionally changed by
+    ``overrides`` (``eval_limit=...``, ``templates=[...]``) -> {"eval": {split: metrics}}."""
+    from vlkit.checkpoints.hub import load
+    from vlkit.config import load_config
+
+    run = Path(run)
+    cfg = load_config(ContrastiveConfig, run / "config.yaml", list(overrides))
+    model, tokenizer = load(run), load_tokenizer(run, cfg)
+    _, evals, names = build_data(cfg)
+    return {"eval": {name: evaluate_split(model, ds, tokenizer, cfg, names) for name, ds in evals.items()}}
+
+
 def train(cfg: ContrastiveConfig, run_dir: str | Path | None = None, resume: bool = False) -> dict:
     """Train and evaluate the recipe; returns ``{"run_dir", "summary", "eval"}`` (eval on the main process)."""
     run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name)

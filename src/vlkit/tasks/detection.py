@@ -124,6 +124,17 @@ def evaluate(model: DETR, dataset, cfg: DetectionConfig) -> dict:
     return coco_map(preds, targets, sizes, cfg.detr.num_classes)
 
 
+def evaluate_run(run: str | Path, overrides: list[str] = ()) -> dict:
+    """``vlkit eval`` of a detection run: its saved model scored again on every evaluation split of its
+    recipe, the data optionally changed by ``overrides`` (``eval_limit=...``) -> {"eval": {split: metrics}}."""
+    from vlkit.checkpoints.hub import load
+    from vlkit.config import load_config
+
+    cfg = load_config(DetectionConfig, Path(run) / "config.yaml", list(overrides))
+    model = load(run)
+    return {"eval": {s: evaluate(model, _split(cfg, s, False), cfg) for s in scene_eval_splits(cfg)}}
+
+
 def _split(cfg: DetectionConfig, name: str, train: bool) -> TransformedDataset:
     return scene_split(cfg, name, train, task="detection")
 

@@ -99,6 +99,17 @@ def evaluate(model: Segmenter, dataset, cfg: SegmentationConfig) -> dict:
             **{f"iou_{n}": v for n, v in zip(names, out["iou"]) if v is not None}}
 
 
+def evaluate_run(run: str | Path, overrides: list[str] = ()) -> dict:
+    """``vlkit eval`` of a segmentation run: its saved model scored again on every evaluation split of its
+    recipe, the data optionally changed by ``overrides`` (``eval_limit=...``) -> {"eval": {split: metrics}}."""
+    from vlkit.checkpoints.hub import load
+    from vlkit.config import load_config
+
+    cfg = load_config(SegmentationConfig, Path(run) / "config.yaml", list(overrides))
+    model = load(run)
+    return {"eval": {s: evaluate(model, _split(cfg, s, False), cfg) for s in scene_eval_splits(cfg)}}
+
+
 def _split(cfg: SegmentationConfig, name: str, train: bool) -> TransformedDataset:
     ds = scene_split(cfg, name, train, task="segmentation", masks=True)
     if cfg.data == "coco" and len(ds.classes) != cfg.coco_classes:
