@@ -18,6 +18,10 @@ vlkit loads the saved folder), prompts of random ids. ``bf16``: both models cast
 ``--hf-compile``: transformers with its static cache and compiled forward. ``int8``: :func:`vlkit.decoders.quantize.quantize_int8` applied to
 BOTH models (every ``nn.Linear`` -> int8 weights, bfloat16 activations): same kernels, so the ratio
 still compares the frameworks; the row also gives vlkit int8 against transformers float32.
+``--speculative K`` (with fp32): float32 greedy tokens by speculative decoding, the model's own int8
+copy drafting K tokens a round (:func:`vlkit.decoders.generate.speculative_generate`), against
+transformers' plain float32 ``generate`` and, at batch 1 (its only batch size), transformers'
+assisted generation with the same int8 copy as its assistant model.
 """
 from __future__ import annotations
 
@@ -104,6 +108,7 @@ def main() -> None:
     p.add_argument("--static", action="store_true", help="vlkit: fixed-shape decoding steps")
     p.add_argument("--compile", action="store_true", help="vlkit: torch.compile the fixed-shape step")
     p.add_argument("--hf-compile", action="store_true", help="transformers: static cache + compiled forward")
+    p.add_argument("--speculative", type=int, default=0, help="fp32: also speculative decoding, K int8 drafts")
     p.add_argument("--out", default="")
     args = p.parse_args()
     if args.threads:
@@ -124,6 +129,8 @@ def main() -> None:
             hf.generation_config.cache_implementation = "static"
             hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
         rows += bench_pair(ours, hf, prompts, pad, args, precision, fp32_hf)
+        if args.speculative and precision == "fp32":
+            rows += bench_speculative(ours, hf, prompts, pad, args)
     if args.out:
         Path(args.out).write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))
 
@@ -171,6 +178,49 @@ def bench_pair(ours, hf, prompts, pad: int, args, precision: str, fp32_hf: dict)
             precision != "fp32" else ""
         print(f"| {precision} | {batch} | {tps['vlkit']:.1f} | {tps['transformers']:.1f} | "
               f"{tps['vlkit'] / tps['transformers']:.2f}x{vs_fp32} | {same} |", flush=True)
+    return rows
+
+
+def bench_speculative(ours, hf, prompts, pad: int, args) -> list[dict]:
+    """vlkit's speculative decoding (fp32 model, its int8 copy drafting) vs transformers' plain fp32
+    ``generate`` and (batch 1) its assisted generation with the same int8 assistant, one run."""
+    import copy
+
+    from vlkit.decoders.generate import GenerationConfig, left_pad, speculative_generate
+    from vlkit.decoders.quantize import quantize_int8
+
+    n, k, rows, device = args.new_tokens, args.speculative, [], torch.device(args.device)
+    draft, hf_draft = quantize_int8(copy.deepcopy(ours)), quantize_int8(copy.deepcopy(hf))
+    cfg = GenerationConfig(max_new_tokens=n, eos_token_ids=(ours.cfg.vocab_size,), pad_token_id=pad)
+    eos = ours.cfg.eos_token_id if ours.cfg.eos_token_id is not None else -1
+    print(f"\n| fp32, int8 draft, K={k} | batch | vlkit speculative tokens/s | transformers tokens/s | ratio | "
+          f"transformers assisted tokens/s | drafts accepted | same tokens |\n|---|---|---|---|---|---|---|---|")
+    for batch in (int(b) for b in args.batches.split(",")):
+        ids, mask = (t.to(device) for t in left_pad(prompts[:batch], pad))
+        stats: dict = {}
+        gen = {"plain": {}, "assisted": {"assistant_model": hf_draft}} if batch == 1 else {"plain": {}}
+
+        def run_hf(extra):
+            with torch.no_grad():
+                out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  pad_token_id=pad, **extra)
+            return out[:, ids.shape[1]:]
+
+        fns = {"vlkit": lambda: speculative_generate(ours, draft, ids, mask, cfg, k, stats=stats),
+               **{f"transformers_{name}": (lambda e=extra: run_hf(e)) for name, extra in gen.items()}}
+        outs = {name: fn().tolist() for name, fn in fns.items()}  # also the warm-up
+        same = same_until_eos(outs["vlkit"], outs["transformers_plain"], eos)
+        times: dict[str, list] = {name: [] for name in fns}
+        for r in range(args.rounds):
+            for name, fn in list(fns.items())[::1 if r % 2 == 0 else -1]:
+                times[name].append(timed(fn, device))
+        tps = {name: batch * n / statistics.median(v) for name, v in times.items()}
+        rate = stats["accepted"] / max(1, stats["drafted"])
+        assisted = f"{tps['transformers_assisted']:.1f}" if "transformers_assisted" in tps else "n/a (batch 1 only)"
+        print(f"| speculative | {batch} | {tps['vlkit']:.1f} | {tps['transformers_plain']:.1f} | "
+              f"{tps['vlkit'] / tps['transformers_plain']:.2f}x | {assisted} | {rate:.0%} | {same} |", flush=True)
+        rows.append({"weights": f"fp32 speculative K={k}", "batch": batch, "tokens_per_s": tps, "accepted": rate,
+                     "same_tokens": same, "seconds": times})
     return rows
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vlkit.decoders.causal_lm import CausalLM, DecoderConfig
-from vlkit.decoders.generate import GenerationConfig, filter_logits, generate, left_pad
+from vlkit.decoders.generate import GenerationConfig, filter_logits, generate, left_pad, speculative_generate
 from vlkit.decoders.loading import load_hf_gpt2, load_hf_llama, unpermute_gguf_qk
 
 transformers = pytest.importorskip("transformers")
@@ -230,3 +230,39 @@ def test_gguf_qk_unpermute_inverts_llama_cpp_permute():
     w = torch.randn(3 * 8, 5)
     assert torch.equal(unpermute_gguf_qk(permute(w, 3), 3), w)
     assert not torch.equal(permute(w, 3), w)
+
+
+@pytest.mark.parametrize("draft_kind", ["same", "int8", "other"])
+def test_speculative_decoding_returns_the_models_greedy_tokens(draft_kind):
+    from vlkit.decoders.quantize import quantize_int8
+
+    model = tiny(init_std=0.3)  # peaked logits: no near-ties between a one-token and a many-token forward
+    draft = {"same": lambda: tiny(init_std=0.3), "int8": lambda: quantize_int8(tiny(init_std=0.3)),
+             "other": lambda: CausalLM(DecoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                                     intermediate_size=24, max_position_embeddings=64))}[draft_kind]()
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]], pad_id=0)
+    for new, eos in ((13, (49,)), (20, (7, 21))):  # lengths that are no multiple of num_draft + 1; end tokens
+        cfg = GenerationConfig(max_new_tokens=new, eos_token_ids=eos)
+        ref = generate(model, ids, mask, cfg)
+        for k in (1, 3):
+            stats = {}
+            got = speculative_generate(model, draft, ids, mask, cfg, num_draft=k, stats=stats)
+            assert got.tolist() == ref.tolist(), (draft_kind, new, k)
+            assert stats["rounds"] >= 1 and 0 <= stats["accepted"] <= stats["drafted"]
+    rate = stats["accepted"] / stats["drafted"]
+    assert rate == 1.0 if draft_kind == "same" else rate < 1.0  # the rollback path is exercised too
+    if draft_kind != "other":  # a VLM passes its prompt as embeddings (read by a draft of the same width)
+        embeds = model.embed_tokens(ids)
+        assert speculative_generate(model, draft, ids, mask, cfg, 2, inputs_embeds=embeds).tolist() == ref.tolist()
+    assert speculative_generate(model, draft, ids, mask, GenerationConfig(max_new_tokens=0)).shape == (3, 0)
+
+
+def test_speculative_decoding_refuses_sampling_and_a_foreign_vocabulary():
+    model = tiny()
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ValueError, match="greedy"):
+        speculative_generate(model, tiny(), ids, None, GenerationConfig(do_sample=True))
+    other = CausalLM(DecoderConfig(vocab_size=60, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                   intermediate_size=24))
+    with pytest.raises(ValueError, match="vocabulary"):
+        speculative_generate(model, other, ids, None, GenerationConfig(max_new_tokens=3))

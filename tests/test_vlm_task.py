@@ -55,7 +55,11 @@ def test_world_caption_trains_reports_and_reloads(tmp_path, capsys, monkeypatch)
 
     monkeypatch.setattr("sys.stdin", io.StringIO("what colour is it?\nand its shape?\n\n"))
     assert main(["chat", str(run), str(image)]) == 0
-    assert capsys.readouterr().out.count("assistant:") == 2
+    plain = capsys.readouterr().out
+    assert plain.count("assistant:") == 2
+    monkeypatch.setattr("sys.stdin", io.StringIO("what colour is it?\nand its shape?\n\n"))
+    assert main(["chat", str(run), str(image), "--speculative", "3"]) == 0
+    assert capsys.readouterr().out == plain  # drafted by an int8 copy, answered by the model itself
     monkeypatch.setattr("sys.stdin", io.StringIO("what colour is it?\n\n"))
     assert main(["chat", str(run), str(image), "--int8"]) == 0
     assert capsys.readouterr().out.count("assistant:") == 1
@@ -81,6 +85,9 @@ def test_world_vqa_scores_per_question_type_and_vlkit_eval_scores_it_again(tmp_p
     assert main(["eval", str(run)]) == 0  # the saved model, scored again: the same greedy answers
     again = json.loads((run / "eval-cli.json").read_text())
     assert again["eval"]["test"] == test and again["protocol"]["decoding"] == "greedy"
+    assert main(["eval", str(run), "generation.speculative=2"]) == 0
+    again = json.loads((run / "eval-cli.json").read_text())
+    assert again["eval"]["test"] == test and again["protocol"]["speculative_drafts"] == 2
     assert main(["eval", str(run), "generation.num_beams=2"]) == 0
     assert json.loads((run / "eval-cli.json").read_text())["protocol"]["num_beams"] == 2
     assert main(["eval", str(run), "connector.kind=linear"]) == 2

@@ -156,7 +156,7 @@ def cmd_predict(args) -> int:
     if arch == "vlm":
         from vlkit.tasks.vlm import answer_files
 
-        for r in answer_files(args.run, args.images, args.prompt, int8=args.int8):
+        for r in answer_files(args.run, args.images, args.prompt, int8=args.int8, speculative=args.speculative):
             print(f"{r['path']}: " + (f"skipped ({r['error']})" if "error" in r else r["answer"]))
         return 0
 
@@ -213,7 +213,7 @@ def cmd_search_query(args) -> int:
 def cmd_chat(args) -> int:
     from vlkit.tasks.vlm import ChatSession
 
-    session = ChatSession(args.run, args.image, int8=args.int8)
+    session = ChatSession(args.run, args.image, int8=args.int8, speculative=args.speculative)
     print(f"chatting about {args.image} (empty line or Ctrl-D to stop)")
     for line in sys.stdin:
         if not line.strip():
@@ -252,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="predictions", help="DETR / Segmenter runs: folder of the drawn pictures")
     r.add_argument("--threshold", type=float, default=0.5, help="DETR runs: minimum score of a drawn box")
     r.add_argument("--int8", action="store_true", help="VLM runs: the language model with int8 weights (CPU)")
+    r.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="VLM runs: the same greedy answers, K tokens a round drafted by an int8 copy of the LM")
     r.add_argument("--attention", action="store_true",
                    help="DETR runs: also draw where each detection's object query looks (decoder cross-attention)")
     r.set_defaults(fn=cmd_predict)
@@ -259,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run")
     c.add_argument("image")
     c.add_argument("--int8", action="store_true", help="the language model with int8 weights (faster on a CPU)")
+    c.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="VLM runs: the same greedy answers, K tokens a round drafted by an int8 copy of the LM")
     c.set_defaults(fn=cmd_chat)
     _search_parser(sub)
     q = sub.add_parser("quickstart", help="train, evaluate and report the main job (about 5 CPU minutes)")

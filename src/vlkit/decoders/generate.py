@@ -7,6 +7,8 @@
   ``num_beams`` finished ones;
 - batches of prompts of different lengths, left-padded (the model counts positions over real
   tokens), end-of-sequence ids and stop strings (``generate_text`` decodes as it goes);
+- speculative decoding (:func:`speculative_generate`): a cheaper draft model proposes tokens, the
+  model checks them all in one forward and keeps those it would have chosen itself;
 - ``static`` / ``compile``: after the prompt, every step has the same shapes
   (:meth:`CausalLM.decode_step`), so ``torch.compile`` (CUDA graphs with ``mode="reduce-overhead"`` on
   a GPU) runs it without recompiling, and the finished-rows check reads the device every 16 steps only.
@@ -40,12 +42,16 @@ class GenerationConfig:
     seed: int = 0  # sampling generator seed
     static: bool = False  # fixed-shape decoding steps (no layer hooks: not for Flamingo / eP-ALM VLMs)
     compile: bool = False  # torch.compile the fixed-shape step (implies static; CUDA graphs on a GPU)
+    speculative: int = 0  # > 0: the same greedy tokens, drafted this many a round by the model's int8 copy (CPU)
 
     def __post_init__(self):
         if self.num_beams > 1 and self.do_sample:
             raise ValueError("beam search with sampling is not supported: set do_sample=false or num_beams=1")
         if self.temperature <= 0 and self.do_sample:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if self.speculative and (self.do_sample or self.num_beams > 1 or self.static or self.compile):
+            raise ValueError("speculative decoding is greedy with the plain cache: do_sample=false, num_beams=1, "
+                             "static=false, compile=false")
 
 
 def filter_logits(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
@@ -77,6 +83,11 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: Optional[
     A VLM passes the prompt as ``inputs_embeds`` (visual tokens spliced in) and/or a ``layer_hook``."""
     if cfg.num_beams > 1:
         return beam_search(model, input_ids, attention_mask, cfg, inputs_embeds, layer_hook)
+    if cfg.speculative:
+        if layer_hook is not None:
+            raise ValueError("speculative decoding takes no layer hook (Flamingo / eP-ALM VLMs): speculative=0")
+        return speculative_generate(model, int8_draft(model), input_ids, attention_mask, cfg, cfg.speculative,
+                                    stop_fn, inputs_embeds)
     B, T = input_ids.shape
     cache = _new_cache(model, B, T + cfg.max_new_tokens, cfg.compile)
     eos = _eos_ids(model, cfg, input_ids.device)
@@ -104,6 +115,102 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: Optional[
         else:
             logits = step(token[:, None])
     return torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
+
+
+@torch.no_grad()
+def speculative_generate(model: CausalLM, draft: CausalLM, input_ids: torch.Tensor,
+                         attention_mask: Optional[torch.Tensor] = None, cfg: GenerationConfig = GenerationConfig(),
+                         num_draft: int = 4, stop_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                         inputs_embeds: Optional[torch.Tensor] = None, stats: Optional[dict] = None) -> torch.Tensor:
+    """``model``'s greedy tokens, as :func:`generate` returns them, sped up by a cheaper ``draft`` with the
+    same vocabulary (speculative decoding, Leviathan et al. 2023, Chen et al. 2023; e.g. the model's own
+    int8 copy, :func:`vlkit.decoders.quantize.quantize_int8`). Each round the draft proposes ``num_draft``
+    tokens one by one; ``model`` reads them all in ONE forward and keeps the longest prefix it would have
+    chosen itself, plus its own next token: 1 to num_draft + 1 tokens for one pass over its weights, the
+    cost of decoding a token on a memory-bound CPU. The output is the model's, not the draft's (up to the
+    float rounding of a many-token forward against a one-token one). In a batch, rows advance together by
+    the fewest accepted tokens (finished rows aside). A prompt given as ``inputs_embeds`` (a VLM's) is read
+by the draft too, so the draft must have the model's width (its own quantized copy). ``stats`` (a dict) receives rounds and accepted drafts."""
+    if cfg.do_sample or cfg.num_beams > 1:
+        raise ValueError("speculative decoding is greedy here: do_sample=false, num_beams=1")
+    if num_draft < 1:
+        raise ValueError(f"num_draft must be >= 1, got {num_draft}")
+    B, T = input_ids.shape
+    if cfg.max_new_tokens == 0:
+        return input_ids.new_zeros(B, 0)
+    K, device = num_draft, input_ids.device
+    cache, dcache = model.new_cache(B, T + cfg.max_new_tokens + K + 1), draft.new_cache(B, T + cfg.max_new_tokens + K + 1)
+    ids = None if inputs_embeds is not None else input_ids
+    token = model(ids, attention_mask, inputs_embeds, cache=cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
+    first = draft(ids, attention_mask, inputs_embeds, cache=dcache, logits_to_keep=1)
+    if first.shape[-1] != model.cfg.vocab_size:
+        raise ValueError(f"the draft's vocabulary ({first.shape[-1]}) is not the model's ({model.cfg.vocab_size})")
+    emit = _Emitter(B, cfg, _eos_ids(model, cfg, device), stop_fn, device)
+    pending, rounds, accepted = token, 0, 0  # pending: tokens the draft has not read yet
+    while not emit(token):
+        last, before = emit.last, dcache.length
+        proposals, x = [], pending
+        for _ in range(K):
+            x = draft(x, cache=dcache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
+            proposals.append(x)
+        d = torch.cat(proposals, 1)  # (B, K); the draft has read pending + d_1 .. d_{K-1}
+        past = cache.length
+        chosen = model(torch.cat([last, d], 1), cache=cache).argmax(-1)  # (B, K + 1): model's pick after each
+        agree = (d == chosen[:, :K]).long().cumprod(1).sum(1).masked_fill(emit.done, K)
+        n = int(agree.min())
+        token = torch.cat([d[:, :n], chosen[:, n:n + 1]], 1)  # (B, n + 1) new tokens
+        cache.length = past + 1 + n  # keeps last, d_1 .. d_n: the rest is overwritten next round
+        dcache.length = before + pending.shape[1] + min(n, K - 1)
+        pending = token[:, min(n, K - 1):]
+        rounds, accepted = rounds + 1, accepted + n
+    if stats is not None:
+        stats.update(rounds=rounds, accepted=accepted, drafted=rounds * K)
+    return emit.result(input_ids)
+
+
+_DRAFTS: "weakref.WeakKeyDictionary[CausalLM, tuple[int, CausalLM]]" = weakref.WeakKeyDictionary()
+
+
+def int8_draft(model: CausalLM) -> CausalLM:
+    """``model``'s int8-weight copy (:func:`~vlkit.decoders.quantize.quantize_int8`), the draft of
+    ``GenerationConfig.speculative``: made once and kept while the model's weights are unchanged
+    (rebuilt after an optimizer step: the parameters' version counters moved)."""
+    import copy
+
+    from vlkit.decoders.quantize import quantize_int8
+
+    version = sum(p._version for p in model.parameters())
+    if model not in _DRAFTS or _DRAFTS[model][0] != version:
+        _DRAFTS[model] = (version, quantize_int8(copy.deepcopy(model)))
+    return _DRAFTS[model][1]
+
+
+class _Emitter:
+    """Collects new tokens (B, n) column by column: pad after a row's end token or stop, done at
+    ``max_new_tokens`` or when every row has ended. ``__call__`` returns True when generation is over."""
+
+    def __init__(self, B: int, cfg: GenerationConfig, eos: torch.Tensor, stop_fn, device):
+        self.cfg, self.eos, self.stop_fn = cfg, eos, stop_fn
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)
+        self.out: list[torch.Tensor] = []
+
+    def __call__(self, tokens: torch.Tensor) -> bool:
+        for j in range(tokens.shape[1]):
+            token = tokens[:, j].masked_fill(self.done, self.cfg.pad_token_id)
+            self.out.append(token)
+            self.done = self.done | torch.isin(token, self.eos)
+            if self.stop_fn is not None:
+                self.done = self.done | self.stop_fn(torch.stack(self.out, 1))
+            if len(self.out) == self.cfg.max_new_tokens or bool(self.done.all()):
+                return True
+        return False
+
+    @property
+    def last(self) -> torch.Tensor:
+        return self.out[-1][:, None]
+
+    def result(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self.out, 1) if self.out else input_ids.new_zeros(input_ids.shape[0], 0)
 
 
 _COMPILED: "weakref.WeakKeyDictionary[CausalLM, Callable]" = weakref.WeakKeyDictionary()

@@ -461,7 +461,8 @@ def protocol(cfg: VLMConfig, encoder: ConversationEncoder, example: dict) -> dic
                                add_generation_prompt=True)
     return {"decoding": "beam" if g.num_beams > 1 else ("sampling" if g.do_sample else "greedy"),
             "num_beams": g.num_beams, "max_new_tokens": g.max_new_tokens, "temperature": g.temperature,
-            "top_k": g.top_k, "top_p": g.top_p, "prompt_example": text}
+            "top_k": g.top_k, "top_p": g.top_p, **({"speculative_drafts": g.speculative} if g.speculative else {}),
+            "prompt_example": text}
 
 
 def _wrap(ds: Dataset, cfg: VLMConfig, train: bool) -> TransformedDataset:
@@ -578,8 +579,10 @@ def load_weights(model: VLM, path: str | Path) -> int:
     return len(state)
 
 
-def load_vlm(path: str | Path, int8: bool = False) -> tuple[VLM, VLMConfig, ConversationEncoder]:
-    """A trained VLM run (or its model folder): the model in eval mode, its config and prompt encoder."""
+def load_vlm(path: str | Path, int8: bool = False, speculative: int = 0) -> tuple[VLM, VLMConfig, ConversationEncoder]:
+    """A trained VLM run (or its model folder): the model in eval mode, its config and prompt encoder
+    (``int8``: the language model's weights quantized; ``speculative``: its greedy answers drafted this
+    many tokens at a time by an int8 copy, ``generation.speculative``)."""
     from vlkit.checkpoints.hub import model_folder
     from vlkit.config import from_dict
 
@@ -587,6 +590,8 @@ def load_vlm(path: str | Path, int8: bool = False) -> tuple[VLM, VLMConfig, Conv
     doc = json.loads((folder / "config.json").read_text())
     if doc.get("architecture") != "vlm":
         raise ValueError(f"{folder} is not a vlkit VLM (architecture {doc.get('architecture')!r})")
+    if speculative:
+        doc["config"].setdefault("generation", {})["speculative"] = speculative
     cfg = from_dict(VLMConfig, doc["config"])
     model = build_vlm(cfg)
     load_weights(model, folder)
@@ -628,12 +633,12 @@ def _image_tensor(path, cfg: VLMConfig) -> torch.Tensor:
     return build_transform(cfg.transform, train=False)(load_image(path), torch.Generator())
 
 
-def answer_files(run: str | Path, images, prompt: str, int8: bool = False) -> list[dict]:
+def answer_files(run: str | Path, images, prompt: str, int8: bool = False, speculative: int = 0) -> list[dict]:
     """``[{"path", "answer"}]`` (or ``{"path", "error"}`` for unreadable images) with a VLM run
-    (``int8``: the language model with int8 weights)."""
+    (``int8`` and ``speculative`` as :func:`load_vlm` takes them)."""
     from vlkit.data.images import BadImageError
 
-    model, cfg, encoder = load_vlm(run, int8)
+    model, cfg, encoder = load_vlm(run, int8, speculative)
     out = []
     for path in images:
         try:
@@ -651,8 +656,8 @@ def answer_files(run: str | Path, images, prompt: str, int8: bool = False) -> li
 class ChatSession:
     """A multi-turn conversation about one image: each question sees the whole history."""
 
-    def __init__(self, run: str | Path, image: str | Path, int8: bool = False):
-        self.model, self.cfg, self.encoder = load_vlm(run, int8)
+    def __init__(self, run: str | Path, image: str | Path, int8: bool = False, speculative: int = 0):
+        self.model, self.cfg, self.encoder = load_vlm(run, int8, speculative)
         self.pixels = _image_tensor(image, self.cfg)[None]
         self.messages: list[dict] = []
 
