@@ -191,6 +191,10 @@ def bench_speculative(ours, hf, prompts, pad: int, args) -> list[dict]:
 
     n, k, rows, device = args.new_tokens, args.speculative, [], torch.device(args.device)
     draft, hf_draft = quantize_int8(copy.deepcopy(ours)), quantize_int8(copy.deepcopy(hf))
+    # transformers' assistant at the same K every round (its defaults: 20 tokens, adaptive, confidence stop)
+    hf_draft.generation_config.num_assistant_tokens = k
+    hf_draft.generation_config.num_assistant_tokens_schedule = "constant"
+    hf_draft.generation_config.assistant_confidence_threshold = 0.0
     cfg = GenerationConfig(max_new_tokens=n, eos_token_ids=(ours.cfg.vocab_size,), pad_token_id=pad)
     eos = ours.cfg.eos_token_id if ours.cfg.eos_token_id is not None else -1
     print(f"\n| fp32, int8 draft, K={k} | batch | vlkit speculative tokens/s | transformers tokens/s | ratio | "
@@ -198,7 +202,8 @@ def bench_speculative(ours, hf, prompts, pad: int, args) -> list[dict]:
     for batch in (int(b) for b in args.batches.split(",")):
         ids, mask = (t.to(device) for t in left_pad(prompts[:batch], pad))
         stats: dict = {}
-        gen = {"plain": {}, "assisted": {"assistant_model": hf_draft}} if batch == 1 else {"plain": {}}
+        assist = batch == 1 and not args.hf_compile  # (a compiled forward would be copied into the assistant)
+        gen = {"plain": {}, "assisted": {"assistant_model": hf_draft}} if assist else {"plain": {}}
 
         def run_hf(extra):
             with torch.no_grad():
@@ -216,7 +221,7 @@ def bench_speculative(ours, hf, prompts, pad: int, args) -> list[dict]:
                 times[name].append(timed(fn, device))
         tps = {name: batch * n / statistics.median(v) for name, v in times.items()}
         rate = stats["accepted"] / max(1, stats["drafted"])
-        assisted = f"{tps['transformers_assisted']:.1f}" if "transformers_assisted" in tps else "n/a (batch 1 only)"
+        assisted = f"{tps['transformers_assisted']:.1f}" if "transformers_assisted" in tps else "n/a (batch 1, uncompiled)"
         print(f"| speculative | {batch} | {tps['vlkit']:.1f} | {tps['transformers_plain']:.1f} | "
               f"{tps['vlkit'] / tps['transformers_plain']:.2f}x | {assisted} | {rate:.0%} | {same} |", flush=True)
         rows.append({"weights": f"fp32 speculative K={k}", "batch": batch, "tokens_per_s": tps, "accepted": rate,

@@ -266,3 +266,26 @@ def test_speculative_decoding_refuses_sampling_and_a_foreign_vocabulary():
                                    intermediate_size=24))
     with pytest.raises(ValueError, match="vocabulary"):
         speculative_generate(model, other, ids, None, GenerationConfig(max_new_tokens=3))
+
+
+def test_speculative_generation_config_stops_like_generate_and_redrafts_after_an_update():
+    from vlkit.decoders.generate import int8_draft
+
+    model = tiny(init_std=0.3)
+    ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], pad_id=0)
+    plain = generate(model, ids, mask, GenerationConfig(max_new_tokens=12))
+    stop_at = int(plain[0, 4])  # row 0 stops at its 5th token (or earlier), as in generate
+
+    def stop_fn(out):
+        return (out == stop_at).any(1)
+
+    ref = generate(model, ids, mask, GenerationConfig(max_new_tokens=12), stop_fn=stop_fn)
+    got = generate(model, ids, mask, GenerationConfig(max_new_tokens=12, speculative=3), stop_fn=stop_fn)
+    assert got.tolist() == ref.tolist() and bool(stop_fn(ref)[0])
+    draft = int8_draft(model)
+    assert int8_draft(model) is draft  # kept while the weights stay the same
+    with torch.no_grad():
+        model.blocks[0].mlp.proj.weight.mul_(1.5)  # an in-place update (an optimizer step)
+    assert int8_draft(model) is not draft
+    with pytest.raises(ValueError, match="greedy"):
+        GenerationConfig(speculative=2, num_beams=2)

@@ -252,8 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="predictions", help="DETR / Segmenter runs: folder of the drawn pictures")
     r.add_argument("--threshold", type=float, default=0.5, help="DETR runs: minimum score of a drawn box")
     r.add_argument("--int8", action="store_true", help="VLM runs: the language model with int8 weights (CPU)")
-    r.add_argument("--speculative", type=int, default=0, metavar="K",
-                   help="VLM runs: the same greedy answers, K tokens a round drafted by an int8 copy of the LM")
     r.add_argument("--attention", action="store_true",
                    help="DETR runs: also draw where each detection's object query looks (decoder cross-attention)")
     r.set_defaults(fn=cmd_predict)
@@ -261,9 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run")
     c.add_argument("image")
     c.add_argument("--int8", action="store_true", help="the language model with int8 weights (faster on a CPU)")
-    c.add_argument("--speculative", type=int, default=0, metavar="K",
-                   help="VLM runs: the same greedy answers, K tokens a round drafted by an int8 copy of the LM")
     c.set_defaults(fn=cmd_chat)
+    for vlm_cmd in (r, c):
+        vlm_cmd.add_argument("--speculative", type=int, default=0, metavar="K", help="VLM runs: the same "
+                             "greedy answers, K tokens a round drafted by an int8 copy of the language model")
     _search_parser(sub)
     q = sub.add_parser("quickstart", help="train, evaluate and report the main job (about 5 CPU minutes)")
     q.add_argument("--out", default="runs/quickstart")

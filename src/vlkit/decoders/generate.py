@@ -49,6 +49,8 @@ class GenerationConfig:
             raise ValueError("beam search with sampling is not supported: set do_sample=false or num_beams=1")
         if self.temperature <= 0 and self.do_sample:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if self.speculative < 0:
+            raise ValueError(f"speculative must be >= 0 (draft tokens a round), got {self.speculative}")
         if self.speculative and (self.do_sample or self.num_beams > 1 or self.static or self.compile):
             raise ValueError("speculative decoding is greedy with the plain cache: do_sample=false, num_beams=1, "
                              "static=false, compile=false")
@@ -95,26 +97,19 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: Optional[
     logits = model(None if inputs_embeds is not None else input_ids, attention_mask, inputs_embeds, cache=cache,
                    logits_to_keep=1, layer_hook=layer_hook)[:, -1]
     step = _static_step(model, cfg, layer_hook, cache)
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    out = []
-    for _ in range(cfg.max_new_tokens):
+    emit = _Emitter(B, cfg, eos, stop_fn, input_ids.device, check_every=1 if step is None else 16)
+    while cfg.max_new_tokens:
         if cfg.do_sample:
-            probs = filter_logits(logits, cfg).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=g)[:, 0]
+            token = torch.multinomial(filter_logits(logits, cfg).softmax(-1), 1, generator=g)
         else:
-            token = logits.argmax(-1)
-        token = token.masked_fill(done, cfg.pad_token_id)
-        out.append(token)
-        done = done | torch.isin(token, eos)
-        if stop_fn is not None:
-            done = done | stop_fn(torch.stack(out, 1))
-        if len(out) == cfg.max_new_tokens or ((step is None or len(out) % 16 == 0) and bool(done.all())):
+            token = logits.argmax(-1, keepdim=True)
+        if emit(token):
             break
         if step is None:
-            logits = model(token[:, None], cache=cache, logits_to_keep=1, layer_hook=layer_hook)[:, -1]
+            logits = model(emit.last, cache=cache, logits_to_keep=1, layer_hook=layer_hook)[:, -1]
         else:
-            logits = step(token[:, None])
-    return torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
+            logits = step(emit.last)
+    return emit.result(input_ids)
 
 
 @torch.no_grad()
@@ -130,7 +125,8 @@ def speculative_generate(model: CausalLM, draft: CausalLM, input_ids: torch.Tens
     cost of decoding a token on a memory-bound CPU. The output is the model's, not the draft's (up to the
     float rounding of a many-token forward against a one-token one). In a batch, rows advance together by
     the fewest accepted tokens (finished rows aside). A prompt given as ``inputs_embeds`` (a VLM's) is read
-by the draft too, so the draft must have the model's width (its own quantized copy). ``stats`` (a dict) receives rounds and accepted drafts."""
+    by the draft too, so the draft must have the model's width (its own quantized copy). ``stats`` (a
+    dict) receives the rounds, drafted and accepted tokens."""
     if cfg.do_sample or cfg.num_beams > 1:
         raise ValueError("speculative decoding is greedy here: do_sample=false, num_beams=1")
     if num_draft < 1:
@@ -138,48 +134,51 @@ by the draft too, so the draft must have the model's width (its own quantized co
     B, T = input_ids.shape
     if cfg.max_new_tokens == 0:
         return input_ids.new_zeros(B, 0)
-    K, device = num_draft, input_ids.device
-    cache, dcache = model.new_cache(B, T + cfg.max_new_tokens + K + 1), draft.new_cache(B, T + cfg.max_new_tokens + K + 1)
+    device = input_ids.device
+    cache, dcache = model.new_cache(B, T + cfg.max_new_tokens), draft.new_cache(B, T + cfg.max_new_tokens)
     ids = None if inputs_embeds is not None else input_ids
     token = model(ids, attention_mask, inputs_embeds, cache=cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
     first = draft(ids, attention_mask, inputs_embeds, cache=dcache, logits_to_keep=1)
     if first.shape[-1] != model.cfg.vocab_size:
         raise ValueError(f"the draft's vocabulary ({first.shape[-1]}) is not the model's ({model.cfg.vocab_size})")
     emit = _Emitter(B, cfg, _eos_ids(model, cfg, device), stop_fn, device)
-    pending, rounds, accepted = token, 0, 0  # pending: tokens the draft has not read yet
+    pending, rounds, accepted, drafted = token, 0, 0, 0  # pending: tokens the draft has not read yet
     while not emit(token):
         last, before = emit.last, dcache.length
+        K = min(num_draft, cfg.max_new_tokens - len(emit.out) - 1)  # no draft past the tokens still to come
         proposals, x = [], pending
         for _ in range(K):
             x = draft(x, cache=dcache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
             proposals.append(x)
-        d = torch.cat(proposals, 1)  # (B, K); the draft has read pending + d_1 .. d_{K-1}
+        d = torch.cat(proposals, 1) if K else last[:, :0]  # (B, K); the draft has read pending, d_1 .. d_{K-1}
         past = cache.length
         chosen = model(torch.cat([last, d], 1), cache=cache).argmax(-1)  # (B, K + 1): model's pick after each
         agree = (d == chosen[:, :K]).long().cumprod(1).sum(1).masked_fill(emit.done, K)
         n = int(agree.min())
         token = torch.cat([d[:, :n], chosen[:, n:n + 1]], 1)  # (B, n + 1) new tokens
         cache.length = past + 1 + n  # keeps last, d_1 .. d_n: the rest is overwritten next round
-        dcache.length = before + pending.shape[1] + min(n, K - 1)
-        pending = token[:, min(n, K - 1):]
-        rounds, accepted = rounds + 1, accepted + n
+        if K:  # (K == 0: the last token, nothing left for the draft)
+            dcache.length = before + pending.shape[1] + min(n, K - 1)
+            pending = token[:, min(n, K - 1):]
+        rounds, accepted, drafted = rounds + 1, accepted + n, drafted + K
     if stats is not None:
-        stats.update(rounds=rounds, accepted=accepted, drafted=rounds * K)
+        stats.update(rounds=rounds, accepted=accepted, drafted=drafted)
     return emit.result(input_ids)
 
 
-_DRAFTS: "weakref.WeakKeyDictionary[CausalLM, tuple[int, CausalLM]]" = weakref.WeakKeyDictionary()
+_DRAFTS: "weakref.WeakKeyDictionary[CausalLM, tuple[tuple, CausalLM]]" = weakref.WeakKeyDictionary()
 
 
 def int8_draft(model: CausalLM) -> CausalLM:
     """``model``'s int8-weight copy (:func:`~vlkit.decoders.quantize.quantize_int8`), the draft of
     ``GenerationConfig.speculative``: made once and kept while the model's weights are unchanged
-    (rebuilt after an optimizer step: the parameters' version counters moved)."""
+    (rebuilt after an optimizer step, a load or a move: the parameters' version counters, storage or
+    dtype changed)."""
     import copy
 
     from vlkit.decoders.quantize import quantize_int8
 
-    version = sum(p._version for p in model.parameters())
+    version = tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in model.parameters())
     if model not in _DRAFTS or _DRAFTS[model][0] != version:
         _DRAFTS[model] = (version, quantize_int8(copy.deepcopy(model)))
     return _DRAFTS[model][1]
@@ -187,10 +186,11 @@ def int8_draft(model: CausalLM) -> CausalLM:
 
 class _Emitter:
     """Collects new tokens (B, n) column by column: pad after a row's end token or stop, done at
-    ``max_new_tokens`` or when every row has ended. ``__call__`` returns True when generation is over."""
+    ``max_new_tokens`` or when every row has ended (looked at every ``check_every`` tokens: reading the
+    device back costs a fixed-shape loop its speed). ``__call__`` returns True when generation is over."""
 
-    def __init__(self, B: int, cfg: GenerationConfig, eos: torch.Tensor, stop_fn, device):
-        self.cfg, self.eos, self.stop_fn = cfg, eos, stop_fn
+    def __init__(self, B: int, cfg: GenerationConfig, eos: torch.Tensor, stop_fn, device, check_every: int = 1):
+        self.cfg, self.eos, self.stop_fn, self.check_every = cfg, eos, stop_fn, check_every
         self.done = torch.zeros(B, dtype=torch.bool, device=device)
         self.out: list[torch.Tensor] = []
 
@@ -201,7 +201,8 @@ class _Emitter:
             self.done = self.done | torch.isin(token, self.eos)
             if self.stop_fn is not None:
                 self.done = self.done | self.stop_fn(torch.stack(self.out, 1))
-            if len(self.out) == self.cfg.max_new_tokens or bool(self.done.all()):
+            n = len(self.out)
+            if n == self.cfg.max_new_tokens or (n % self.check_every == 0 and bool(self.done.all())):
                 return True
         return False
 

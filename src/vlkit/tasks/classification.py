@@ -167,12 +167,12 @@ def evaluate_model(model: nn.Module, splits: Splits, cfg: DataConfig, batch_size
     return out
 
 
-def evaluate_run(run: str | Path, overrides: list[str] = ()) -> dict:
+def evaluate_run(run: str | Path, overrides: list[str] | tuple = ()) -> dict:
     """``vlkit eval`` of a classification run: its saved model scored again on its splits, the data
     optionally changed by ``overrides`` (``data.eval_limit=...``) -> {"eval": {split: metrics}}."""
-    from vlkit.config import load_config
+    from vlkit.tasks.data import eval_config
 
-    cfg = load_config(ClassificationConfig, Path(run) / "config.yaml", list(overrides))
+    cfg = eval_config(ClassificationConfig, run, overrides, ("data.", "eval_batch_size"))
     return {"eval": evaluate_model(load(run), build_splits(cfg.data), cfg.data, cfg.eval_batch_size)}
 
 

@@ -255,17 +255,21 @@ def build_model(cfg: ContrastiveConfig, tokenizer: TextTokenizer) -> tuple[Contr
     return cfg, model
 
 
-def evaluate_run(run: str | Path, overrides: list[str] = ()) -> dict:
+def evaluate_run(run: str | Path, overrides: list[str] | tuple = ()) -> dict:
     """``vlkit eval`` of a contrastive run: its saved model and tokenizer scored again (zero-shot top-1,
     retrieval on the world) on every evaluation split, the data or prompt templates optionally changed by
     ``overrides`` (``eval_limit=...``, ``templates=[...]``) -> {"eval": {split: metrics}}."""
-    from vlkit.checkpoints.hub import load
-    from vlkit.config import load_config
+    from vlkit.checkpoints.hub import load, model_folder
+    from vlkit.tasks.data import eval_config
 
-    run = Path(run)
-    cfg = load_config(ContrastiveConfig, run / "config.yaml", list(overrides))
-    model, tokenizer = load(run), load_tokenizer(run, cfg)
+    cfg = eval_config(ContrastiveConfig, run, overrides, ("eval_limit", "eval_batch_size", "world.", "templates",
+                                                          "classes.", "class_names"))
+    folder = model_folder(run) / "tokenizer"
+    if not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{folder / 'tokenizer.json'}: the run's tokenizer is missing")
+    tokenizer = TextTokenizer.from_file(folder)
     _, evals, names = build_data(cfg)
+    model = load(run)
     return {"eval": {name: evaluate_split(model, ds, tokenizer, cfg, names) for name, ds in evals.items()}}
 
 

@@ -172,3 +172,34 @@ def scene_eval_splits(cfg) -> tuple[str, ...]:
     if getattr(cfg, "data", "world") == "coco":
         return ("val",) if cfg.coco_val else ()
     return SCENE_SPLITS
+
+
+SCENE_EVAL_OVERRIDABLE = ("eval_limit", "eval_batch_size", "world.", "coco_val", "image_root")
+
+
+def eval_config(cls: type, run, overrides, allowed: tuple[str, ...]):
+    """The recipe a run was trained with (``run/config.yaml``), for ``vlkit eval``: the model is the saved
+    one, so only the data and evaluation keys starting with ``allowed`` may be overridden."""
+    from pathlib import Path
+
+    from vlkit.config import load_config
+
+    check_eval_overrides(overrides, allowed, cls.__name__)
+    return load_config(cls, Path(run) / "config.yaml", list(overrides))
+
+
+def check_eval_overrides(overrides, allowed: tuple[str, ...], what: str) -> None:
+    bad = [o for o in overrides if not o.startswith(allowed)]
+    if bad:
+        raise ConfigError(bad[0].split("=")[0], f"vlkit eval of a {what} run changes only {', '.join(allowed)} "
+                                                "(the model is the saved one)")
+
+
+def rescore_scenes(run, overrides, cls: type, split, evaluate) -> dict:
+    """``vlkit eval`` of a scene run (detection, segmentation): its saved model scored again on every
+    evaluation split, the data optionally changed -> {"eval": {split: metrics}}."""
+    from vlkit.checkpoints.hub import load
+
+    cfg = eval_config(cls, run, overrides, SCENE_EVAL_OVERRIDABLE)
+    model = load(run)
+    return {"eval": {s: evaluate(model, split(cfg, s, False), cfg) for s in scene_eval_splits(cfg)}}

@@ -27,7 +27,7 @@ from vlkit.encoders.vit import ViTConfig, VisionTransformer
 from vlkit.eval.detection import coco_map
 from vlkit.losses.set_criterion import HungarianMatcher, SetCriterion
 from vlkit.models.detr import DETR, DETRConfig, FeatureMap, postprocess
-from vlkit.tasks.data import scene_eval_splits, scene_split
+from vlkit.tasks.data import rescore_scenes, scene_eval_splits, scene_split
 from vlkit.train import TrainConfig, Trainer
 from vlkit.train.distributed import is_main
 
@@ -124,15 +124,9 @@ def evaluate(model: DETR, dataset, cfg: DetectionConfig) -> dict:
     return coco_map(preds, targets, sizes, cfg.detr.num_classes)
 
 
-def evaluate_run(run: str | Path, overrides: list[str] = ()) -> dict:
-    """``vlkit eval`` of a detection run: its saved model scored again on every evaluation split of its
-    recipe, the data optionally changed by ``overrides`` (``eval_limit=...``) -> {"eval": {split: metrics}}."""
-    from vlkit.checkpoints.hub import load
-    from vlkit.config import load_config
-
-    cfg = load_config(DetectionConfig, Path(run) / "config.yaml", list(overrides))
-    model = load(run)
-    return {"eval": {s: evaluate(model, _split(cfg, s, False), cfg) for s in scene_eval_splits(cfg)}}
+def evaluate_run(run: str | Path, overrides: list[str] | tuple = ()) -> dict:
+    """``vlkit eval`` of a detection run (``eval_limit=...``, ``world.*``, ``coco_val=...`` may change)."""
+    return rescore_scenes(run, overrides, DetectionConfig, _split, evaluate)
 
 
 def _split(cfg: DetectionConfig, name: str, train: bool) -> TransformedDataset:

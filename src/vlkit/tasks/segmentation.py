@@ -22,7 +22,7 @@ from vlkit.data.world import WorldConfig
 from vlkit.encoders.vit import ViTConfig, VisionTransformer
 from vlkit.eval.segmentation import ConfusionMatrix
 from vlkit.models.segmenter import LinearDecoder, MaskTransformer, Segmenter
-from vlkit.tasks.data import scene_eval_splits, scene_split
+from vlkit.tasks.data import rescore_scenes, scene_eval_splits, scene_split
 from vlkit.train import TrainConfig, Trainer
 from vlkit.train.distributed import is_main
 
@@ -99,15 +99,9 @@ def evaluate(model: Segmenter, dataset, cfg: SegmentationConfig) -> dict:
             **{f"iou_{n}": v for n, v in zip(names, out["iou"]) if v is not None}}
 
 
-def evaluate_run(run: str | Path, overrides: list[str] = ()) -> dict:
-    """``vlkit eval`` of a segmentation run: its saved model scored again on every evaluation split of its
-    recipe, the data optionally changed by ``overrides`` (``eval_limit=...``) -> {"eval": {split: metrics}}."""
-    from vlkit.checkpoints.hub import load
-    from vlkit.config import load_config
-
-    cfg = load_config(SegmentationConfig, Path(run) / "config.yaml", list(overrides))
-    model = load(run)
-    return {"eval": {s: evaluate(model, _split(cfg, s, False), cfg) for s in scene_eval_splits(cfg)}}
+def evaluate_run(run: str | Path, overrides: list[str] | tuple = ()) -> dict:
+    """``vlkit eval`` of a segmentation run (``eval_limit=...``, ``world.*``, ``coco_val=...`` may change)."""
+    return rescore_scenes(run, overrides, SegmentationConfig, _split, evaluate)
 
 
 def _split(cfg: SegmentationConfig, name: str, train: bool) -> TransformedDataset:

@@ -590,6 +590,8 @@ def load_vlm(path: str | Path, int8: bool = False, speculative: int = 0) -> tupl
     doc = json.loads((folder / "config.json").read_text())
     if doc.get("architecture") != "vlm":
         raise ValueError(f"{folder} is not a vlkit VLM (architecture {doc.get('architecture')!r})")
+    if speculative and int8:
+        raise ConfigError("speculative", "drafts with an int8 copy of the float language model: not with --int8")
     if speculative:
         doc["config"].setdefault("generation", {})["speculative"] = speculative
     cfg = from_dict(VLMConfig, doc["config"])
@@ -613,9 +615,9 @@ def evaluate_run(run: str | Path, overrides: list[str] = ()) -> dict:
     -> {"eval": {split: metrics}, "protocol": ..., "samples": {split: first 50 answers}}."""
     from vlkit.config import apply_overrides, from_dict
 
-    bad = [o for o in overrides if not o.startswith(EVAL_OVERRIDABLE)]
-    if bad:
-        raise ConfigError(bad[0].split("=")[0], f"vlkit eval of a VLM run changes only {', '.join(EVAL_OVERRIDABLE)}")
+    from vlkit.tasks.data import check_eval_overrides
+
+    check_eval_overrides(overrides, EVAL_OVERRIDABLE, "VLM")
     model, cfg, encoder = load_vlm(run)
     cfg = from_dict(VLMConfig, apply_overrides(to_dict(cfg), list(overrides)))
     _, evals_raw = build_datasets(cfg)
