@@ -21,7 +21,7 @@ still compares the frameworks; the row also gives vlkit int8 against transformer
 ``--speculative K`` (with fp32): float32 greedy tokens by speculative decoding, the model's own int8
 copy drafting K tokens a round (:func:`vlkit.decoders.generate.speculative_generate`), against
 transformers' plain float32 ``generate`` and, at batch 1 (its only batch size), transformers'
-assisted generation with the same int8 copy as its assistant model.
+assisted generation with the same int8 copy as its assistant model; batch 1 runs each prompt alone in turn.
 """
 from __future__ import annotations
 
@@ -200,29 +200,41 @@ def bench_speculative(ours, hf, prompts, pad: int, args) -> list[dict]:
     print(f"\n| fp32, int8 draft, K={k} | batch | vlkit speculative tokens/s | transformers tokens/s | ratio | "
           f"transformers assisted tokens/s | drafts accepted | same tokens |\n|---|---|---|---|---|---|---|---|")
     for batch in (int(b) for b in args.batches.split(",")):
-        ids, mask = (t.to(device) for t in left_pad(prompts[:batch], pad))
-        stats: dict = {}
+        # batch 1: every prompt alone in turn (acceptance depends on the text); else the first ``batch``
+        groups = [[p] for p in prompts] if batch == 1 else [prompts[:batch]]
+        inputs = [tuple(t.to(device) for t in left_pad(g, pad)) for g in groups]
+        stats: dict = {"accepted": 0, "drafted": 0}
         assist = batch == 1 and not args.hf_compile  # (a compiled forward would be copied into the assistant)
         gen = {"plain": {}, "assisted": {"assistant_model": hf_draft}} if assist else {"plain": {}}
 
-        def run_hf(extra):
-            with torch.no_grad():
-                out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=pad, **extra)
-            return out[:, ids.shape[1]:]
+        def run_ours():
+            out = []
+            for ids, mask in inputs:
+                st: dict = {}
+                out += speculative_generate(ours, draft, ids, mask, cfg, k, stats=st).tolist()
+                stats.update(accepted=stats["accepted"] + st["accepted"], drafted=stats["drafted"] + st["drafted"])
+            return out
 
-        fns = {"vlkit": lambda: speculative_generate(ours, draft, ids, mask, cfg, k, stats=stats),
-               **{f"transformers_{name}": (lambda e=extra: run_hf(e)) for name, extra in gen.items()}}
-        outs = {name: fn().tolist() for name, fn in fns.items()}  # also the warm-up
+        def run_hf(extra):
+            out = []
+            with torch.no_grad():
+                for ids, mask in inputs:
+                    out += hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                       pad_token_id=pad, **extra)[:, ids.shape[1]:].tolist()
+            return out
+
+        fns = {"vlkit": run_ours, **{f"transformers_{name}": (lambda e=extra: run_hf(e)) for name, extra in gen.items()}}
+        outs = {name: fn() for name, fn in fns.items()}  # also the warm-up
         same = same_until_eos(outs["vlkit"], outs["transformers_plain"], eos)
         times: dict[str, list] = {name: [] for name in fns}
         for r in range(args.rounds):
             for name, fn in list(fns.items())[::1 if r % 2 == 0 else -1]:
                 times[name].append(timed(fn, device))
-        tps = {name: batch * n / statistics.median(v) for name, v in times.items()}
+        tps = {name: sum(map(len, groups)) * n / statistics.median(v) for name, v in times.items()}
         rate = stats["accepted"] / max(1, stats["drafted"])
         assisted = f"{tps['transformers_assisted']:.1f}" if "transformers_assisted" in tps else "n/a (batch 1, uncompiled)"
-        print(f"| speculative | {batch} | {tps['vlkit']:.1f} | {tps['transformers_plain']:.1f} | "
+        label = f"1 (each of {len(groups)} prompts)" if batch == 1 else str(batch)
+        print(f"| speculative | {label} | {tps['vlkit']:.1f} | {tps['transformers_plain']:.1f} | "
               f"{tps['vlkit'] / tps['transformers_plain']:.2f}x | {assisted} | {rate:.0%} | {same} |", flush=True)
         rows.append({"weights": f"fp32 speculative K={k}", "batch": batch, "tokens_per_s": tps, "accepted": rate,
                      "same_tokens": same, "seconds": times})
