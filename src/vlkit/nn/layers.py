@@ -4,8 +4,10 @@
   through oneDNN, forward and backward. On AVX-512 CPUs where MKL's sgemm does not use its best
   kernels (e.g. AMD EPYC) this is about 1.5-2x faster per GEMM; elsewhere it is on par. It
   packs the weight on every call, which only pays off for many rows: below
-  :data:`ONEDNN_MIN_ROWS` (token-by-token decoding) ``F.linear`` runs instead (3x faster there).
-  ``VLKIT_ONEDNN_LINEAR=0`` turns it off.
+  :data:`ONEDNN_MIN_ROWS` it computes ``(W @ x^T)^T`` instead (one row: ``F.linear``): for a few
+  rows (batched decoding, speculative verification) that product streams the weight once where
+  ``F.linear``'s ``x @ W^T`` is up to 2-4x slower on these CPUs (2 to 8 rows, weights from memory).
+  ``VLKIT_ONEDNN_LINEAR=0`` turns both off (plain ``F.linear``).
 - :class:`LayerScale`: per-channel scaling of a residual branch, initialised small
   (Touvron et al. 2021, "Going deeper with Image Transformers" (CaiT), §2.1, eq. 4).
 - :class:`DropPath`: stochastic depth, dropping a whole residual branch per sample
@@ -64,6 +66,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                   and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
     if use_onednn:
         return _OneDNNLinear.apply(x, weight, bias)
+    if ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 \
+            and x.numel() >= 2 * x.shape[-1] and not torch.compiler.is_compiling() \
+            and not torch.is_autocast_enabled("cpu"):  # 2 to ONEDNN_MIN_ROWS - 1 rows (one row: F.linear's gemv)
+        y = (weight @ x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
     return F.linear(x, weight, bias)
 
 
