@@ -60,15 +60,12 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` with fp32 CPU tensors routed through oneDNN (see module docstring)."""
-    use_onednn = (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-                  and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1]
-                  and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
-    if use_onednn:
+    """``F.linear``; fp32 CPU tensors of many rows through oneDNN, of a few rows as ``(W @ x^T)^T`` (module docstring)."""
+    fast = (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+    if fast and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1]:
         return _OneDNNLinear.apply(x, weight, bias)
-    if ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 \
-            and x.numel() >= 2 * x.shape[-1] and not torch.compiler.is_compiling() \
-            and not torch.is_autocast_enabled("cpu"):  # 2 to ONEDNN_MIN_ROWS - 1 rows (one row: F.linear's gemv)
+    if fast and x.numel() >= 2 * x.shape[-1]:  # 2 to ONEDNN_MIN_ROWS - 1 rows (one row: F.linear's gemv)
         y = (weight @ x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)

@@ -590,9 +590,9 @@ def load_vlm(path: str | Path, int8: bool = False, speculative: int = 0) -> tupl
     doc = json.loads((folder / "config.json").read_text())
     if doc.get("architecture") != "vlm":
         raise ValueError(f"{folder} is not a vlkit VLM (architecture {doc.get('architecture')!r})")
-    if speculative and int8:
-        raise ConfigError("speculative", "drafts with an int8 copy of the float language model: not with --int8")
     if speculative:
+        if int8:
+            raise ConfigError("speculative", "drafts with an int8 copy of the float language model: not with --int8")
         doc["config"].setdefault("generation", {})["speculative"] = speculative
     cfg = from_dict(VLMConfig, doc["config"])
     model = build_vlm(cfg)
