@@ -60,7 +60,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``; fp32 CPU tensors of many rows through oneDNN, of a few rows as ``(W @ x^T)^T`` (module docstring)."""
+    """``F.linear``; fp32 CPU: many rows through oneDNN, 2-63 rows as ``(W @ x^T)^T`` (see module docstring)."""
     fast = (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
     if fast and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1]:
