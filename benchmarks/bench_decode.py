@@ -18,10 +18,10 @@ vlkit loads the saved folder), prompts of random ids. ``bf16``: both models cast
 ``--hf-compile``: transformers with its static cache and compiled forward. ``int8``: :func:`vlkit.decoders.quantize.quantize_int8` applied to
 BOTH models (every ``nn.Linear`` -> int8 weights, bfloat16 activations): same kernels, so the ratio
 still compares the frameworks; the row also gives vlkit int8 against transformers float32.
-``--speculative K`` (with fp32): float32 greedy tokens by speculative decoding, the model's own int8
-copy drafting K tokens a round (:func:`vlkit.decoders.generate.speculative_generate`), against
-transformers' plain float32 ``generate`` and, at batch 1 (its only batch size), transformers'
-assisted generation with the same int8 copy as its assistant model; batch 1 runs each prompt alone in turn.
+``--speculative K`` (with fp32): float32 greedy tokens by speculative decoding, the model's own int4
+(``--draft-bits 8``: int8) copy drafting K tokens a round (:func:`vlkit.decoders.generate.speculative_generate`),
+against transformers' plain float32 ``generate`` and, at batch 1 (its only batch size), transformers'
+assisted generation with the same quantized copy as its assistant model; batch 1 runs each prompt alone in turn.
 """
 from __future__ import annotations
 
@@ -108,7 +108,8 @@ def main() -> None:
     p.add_argument("--static", action="store_true", help="vlkit: fixed-shape decoding steps")
     p.add_argument("--compile", action="store_true", help="vlkit: torch.compile the fixed-shape step")
     p.add_argument("--hf-compile", action="store_true", help="transformers: static cache + compiled forward")
-    p.add_argument("--speculative", type=int, default=0, help="fp32: also speculative decoding, K int8 drafts")
+    p.add_argument("--speculative", type=int, default=0, help="fp32: also speculative decoding, K drafts a round")
+    p.add_argument("--draft-bits", type=int, default=4, choices=[4, 8], help="speculative: the draft's int4 / int8 weights")
     p.add_argument("--out", default="")
     args = p.parse_args()
     if args.threads:
@@ -182,22 +183,23 @@ def bench_pair(ours, hf, prompts, pad: int, args, precision: str, fp32_hf: dict)
 
 
 def bench_speculative(ours, hf, prompts, pad: int, args) -> list[dict]:
-    """vlkit's speculative decoding (fp32 model, its int8 copy drafting) vs transformers' plain fp32
-    ``generate`` and (batch 1) its assisted generation with the same int8 assistant, one run."""
+    """vlkit's speculative decoding (fp32 model, its int4 / int8 copy drafting) vs transformers' plain fp32
+    ``generate`` and (batch 1) its assisted generation with the same quantized assistant, one run."""
     import copy
 
     from vlkit.decoders.generate import GenerationConfig, left_pad, speculative_generate
-    from vlkit.decoders.quantize import quantize_int8
+    from vlkit.decoders.quantize import quantize_int4, quantize_int8
 
     n, k, rows, device = args.new_tokens, args.speculative, [], torch.device(args.device)
-    draft, hf_draft = quantize_int8(copy.deepcopy(ours)), quantize_int8(copy.deepcopy(hf))
+    quantize = quantize_int4 if args.draft_bits == 4 else quantize_int8
+    draft, hf_draft = quantize(copy.deepcopy(ours)), quantize(copy.deepcopy(hf))
     # transformers' assistant at the same K every round (its defaults: 20 tokens, adaptive, confidence stop)
     hf_draft.generation_config.num_assistant_tokens = k
     hf_draft.generation_config.num_assistant_tokens_schedule = "constant"
     hf_draft.generation_config.assistant_confidence_threshold = 0.0
     cfg = GenerationConfig(max_new_tokens=n, eos_token_ids=(ours.cfg.vocab_size,), pad_token_id=pad)
     eos = ours.cfg.eos_token_id if ours.cfg.eos_token_id is not None else -1
-    print(f"\n| fp32, int8 draft, K={k} | batch | vlkit speculative tokens/s | transformers tokens/s | ratio | "
+    print(f"\n| fp32, int{args.draft_bits} draft, K={k} | batch | vlkit speculative tokens/s | transformers tokens/s | ratio | "
           f"transformers assisted tokens/s | drafts accepted | same tokens |\n|---|---|---|---|---|---|---|---|")
     for batch in (int(b) for b in args.batches.split(",")):
         # batch 1: every prompt alone in turn (acceptance depends on the text); else the first ``batch``
@@ -236,7 +238,7 @@ def bench_speculative(ours, hf, prompts, pad: int, args) -> list[dict]:
         label = f"1 (each of {len(groups)} prompts)" if batch == 1 else str(batch)
         print(f"| speculative | {label} | {tps['vlkit']:.1f} | {tps['transformers_plain']:.1f} | "
               f"{tps['vlkit'] / tps['transformers_plain']:.2f}x | {assisted} | {rate:.0%} | {same} |", flush=True)
-        rows.append({"weights": f"fp32 speculative K={k}", "batch": batch, "tokens_per_s": tps, "accepted": rate,
+        rows.append({"weights": f"fp32 speculative K={k} int{args.draft_bits} draft", "batch": batch, "tokens_per_s": tps, "accepted": rate,
                      "same_tokens": same, "seconds": times})
     return rows
 

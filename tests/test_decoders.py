@@ -168,6 +168,40 @@ def test_int8_weights_approximate_the_float_model_and_decode_with_the_cache():
         assert batched[i, :len(alone)].tolist() == alone.tolist()
 
 
+def test_int4_weights_reproduce_a_4_bit_grid_and_fall_back_to_int8_where_the_kernel_cannot():
+    from vlkit.decoders.quantize import Int4Linear, Int8Linear, quantize_int4
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    with torch.no_grad():  # weights on a 4-bit grid per group of 32 (a Q4_1 source, as SmolLM2's GGUF)
+        scale = torch.rand(48, 2, 1).mul(0.02).add(0.01).to(torch.bfloat16).float()
+        low = -8 * scale + torch.randn(48, 2, 1).mul(0.01).to(torch.bfloat16).float()
+        q = torch.randint(0, 16, (48, 2, 32)).float()
+        q[:, :, 0], q[:, :, 1] = 0, 15  # each group spans the whole grid: min and max are grid points
+        lin.weight.copy_((q * scale + low).view(48, 64))
+    x = torch.randn(3, 5, 64).to(torch.bfloat16).float()  # activations the kernel reads exactly
+    out, ref = Int4Linear(lin)(x), lin(x)
+    assert out.shape == (3, 5, 48)
+    assert ((out - ref).norm() / ref.norm()) < 0.01
+    rough = torch.nn.Linear(64, 48)  # arbitrary weights: 4 bits lose more, but stay close
+    assert 1e-4 < ((Int4Linear(rough)(x) - rough(x)).norm() / rough(x).norm()) < 0.15
+    with pytest.raises(ValueError, match="multiple"):
+        Int4Linear(torch.nn.Linear(48, 32))
+    model = quantize_int4(tiny(tie_embeddings=True))
+    assert isinstance(model.blocks[0].mlp.fc, Int4Linear)  # 32 -> 96
+    assert isinstance(model.blocks[0].mlp.proj, Int8Linear)  # 48 inputs: no whole groups of 32
+    assert isinstance(model.lm_head, Int8Linear)  # the output head keeps int8 (its 50 outputs would not fit either)
+    chosen = quantize_int4(tiny(), int8_names=("fc",))
+    assert isinstance(chosen.blocks[1].mlp.fc, Int8Linear) and isinstance(chosen.blocks[1].attn.qkv, Int4Linear)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    batch, mask = left_pad(prompts, pad_id=0)
+    cfg = GenerationConfig(max_new_tokens=5, eos_token_ids=(49,))
+    batched = generate(model, batch, mask, cfg)
+    for i, p in enumerate(prompts):
+        alone = generate(model, torch.tensor([p]), None, cfg)[0]
+        assert batched[i, :len(alone)].tolist() == alone.tolist()
+
+
 def test_greedy_equals_transformers_generate(tmp_path):
     hf, ours = hf_llama(tmp_path)
     ids = torch.randint(3, 99, (1, 7))
@@ -232,12 +266,13 @@ def test_gguf_qk_unpermute_inverts_llama_cpp_permute():
     assert not torch.equal(permute(w, 3), w)
 
 
-@pytest.mark.parametrize("draft_kind", ["same", "int8", "other"])
+@pytest.mark.parametrize("draft_kind", ["same", "int8", "int4", "other"])
 def test_speculative_decoding_returns_the_models_greedy_tokens(draft_kind):
-    from vlkit.decoders.quantize import quantize_int8
+    from vlkit.decoders.quantize import quantize_int4, quantize_int8
 
     model = tiny(init_std=0.3)  # peaked logits: no near-ties between a one-token and a many-token forward
     draft = {"same": lambda: tiny(init_std=0.3), "int8": lambda: quantize_int8(tiny(init_std=0.3)),
+             "int4": lambda: quantize_int4(tiny(init_std=0.3)),
              "other": lambda: CausalLM(DecoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                                                      intermediate_size=24, max_position_embeddings=64))}[draft_kind]()
     ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]], pad_id=0)
@@ -269,7 +304,8 @@ def test_speculative_decoding_refuses_sampling_and_a_foreign_vocabulary():
 
 
 def test_speculative_generation_config_stops_like_generate_and_redrafts_after_an_update():
-    from vlkit.decoders.generate import int8_draft
+    from vlkit.decoders.generate import quantized_draft
+    from vlkit.decoders.quantize import Int4Linear, Int8Linear
 
     model = tiny(init_std=0.3)
     ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], pad_id=0)
@@ -282,10 +318,16 @@ def test_speculative_generation_config_stops_like_generate_and_redrafts_after_an
     ref = generate(model, ids, mask, GenerationConfig(max_new_tokens=12), stop_fn=stop_fn)
     got = generate(model, ids, mask, GenerationConfig(max_new_tokens=12, speculative=3), stop_fn=stop_fn)
     assert got.tolist() == ref.tolist() and bool(stop_fn(ref)[0])
-    draft = int8_draft(model)
-    assert int8_draft(model) is draft  # kept while the weights stay the same
+    assert generate(model, ids, mask, GenerationConfig(max_new_tokens=12, speculative=2, draft_bits=8),
+                    stop_fn=stop_fn).tolist() == ref.tolist()
+    draft = quantized_draft(model)
+    assert quantized_draft(model) is draft and isinstance(draft.blocks[0].mlp.fc, Int4Linear)  # kept
+    assert isinstance(quantized_draft(model, 8).blocks[0].mlp.fc, Int8Linear)
+    draft = quantized_draft(model)
     with torch.no_grad():
         model.blocks[0].mlp.proj.weight.mul_(1.5)  # an in-place update (an optimizer step)
-    assert int8_draft(model) is not draft
+    assert quantized_draft(model) is not draft
+    with pytest.raises(ValueError, match="draft_bits"):
+        GenerationConfig(speculative=2, draft_bits=3)
     with pytest.raises(ValueError, match="greedy"):
         GenerationConfig(speculative=2, num_beams=2)

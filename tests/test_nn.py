@@ -89,6 +89,7 @@ def test_linear_with_few_rows_matches_torch_forward_and_backward(rows):
     xr = x.detach().clone().requires_grad_(True)
     y, yr = lin(x), ref(xr)
     assert y.shape == (1, rows, 20)
+    assert y.is_contiguous()  # a transposed result would send attention to SDPA's slow math kernel
     torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
     y.backward(torch.ones_like(y))
     yr.backward(torch.ones_like(yr))

@@ -42,7 +42,8 @@ class GenerationConfig:
     seed: int = 0  # sampling generator seed
     static: bool = False  # fixed-shape decoding steps (no layer hooks: not for Flamingo / eP-ALM VLMs)
     compile: bool = False  # torch.compile the fixed-shape step (implies static; CUDA graphs on a GPU)
-    speculative: int = 0  # > 0: the same greedy tokens, drafted this many a round by the model's int8 copy (CPU)
+    speculative: int = 0  # > 0: the same greedy tokens, drafted this many a round by the model's quantized copy (CPU)
+    draft_bits: int = 4  # the speculative draft's weights: 4 (int4, groups of 32) or 8 (int8)
 
     def __post_init__(self):
         if self.num_beams > 1 and self.do_sample:
@@ -51,6 +52,8 @@ class GenerationConfig:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if self.speculative < 0:
             raise ValueError(f"speculative must be >= 0 (draft tokens a round), got {self.speculative}")
+        if self.draft_bits not in (4, 8):
+            raise ValueError(f"draft_bits must be 4 or 8, got {self.draft_bits}")
         if self.speculative and (self.do_sample or self.num_beams > 1 or self.static or self.compile):
             raise ValueError("speculative decoding is greedy with the plain cache: do_sample=false, num_beams=1, "
                              "static=false, compile=false")
@@ -88,7 +91,7 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: Optional[
     if cfg.speculative:
         if layer_hook is not None:
             raise ValueError("speculative decoding takes no layer hook (Flamingo / eP-ALM VLMs): speculative=0")
-        return speculative_generate(model, int8_draft(model), input_ids, attention_mask, cfg, cfg.speculative,
+        return speculative_generate(model, quantized_draft(model, cfg.draft_bits), input_ids, attention_mask, cfg, cfg.speculative,
                                     stop_fn, inputs_embeds)
     B, T = input_ids.shape
     cache = _new_cache(model, B, T + cfg.max_new_tokens, cfg.compile)
@@ -119,7 +122,7 @@ def speculative_generate(model: CausalLM, draft: CausalLM, input_ids: torch.Tens
                          inputs_embeds: Optional[torch.Tensor] = None, stats: Optional[dict] = None) -> torch.Tensor:
     """``model``'s greedy tokens, as :func:`generate` returns them, sped up by a cheaper ``draft`` with the
     same vocabulary (speculative decoding, Leviathan et al. 2023, Chen et al. 2023; e.g. the model's own
-    int8 copy, :func:`vlkit.decoders.quantize.quantize_int8`). Each round the draft proposes ``num_draft``
+    int4 or int8 copy, :func:`quantized_draft`). Each round the draft proposes ``num_draft``
     tokens one by one; ``model`` reads them all in ONE forward and keeps the longest prefix it would have
     chosen itself, plus its own next token: 1 to num_draft + 1 tokens for one pass over its weights, the
     cost of decoding a token on a memory-bound CPU. The output is the model's, not the draft's (up to the
@@ -169,18 +172,21 @@ def speculative_generate(model: CausalLM, draft: CausalLM, input_ids: torch.Tens
 _DRAFTS: "weakref.WeakKeyDictionary[CausalLM, tuple[tuple, CausalLM]]" = weakref.WeakKeyDictionary()
 
 
-def int8_draft(model: CausalLM) -> CausalLM:
-    """``model``'s int8-weight copy (:func:`~vlkit.decoders.quantize.quantize_int8`), the draft of
-    ``GenerationConfig.speculative``: made once and kept while the model's weights are unchanged
-    (rebuilt after an optimizer step, a load or a move: the parameters' version counters, storage or
-    dtype changed)."""
+def quantized_draft(model: CausalLM, bits: int = 4) -> CausalLM:
+    """``model``'s copy with int4 (groups of 32) or int8 weights (:mod:`vlkit.decoders.quantize`), the
+    draft of ``GenerationConfig.speculative``: made once and kept while the model's weights are
+    unchanged (rebuilt after an optimizer step, a load or a move: the parameters' version counters,
+    storage or dtype changed)."""
     import copy
 
-    from vlkit.decoders.quantize import quantize_int8
+    from vlkit.decoders.quantize import quantize_int4, quantize_int8
 
-    version = tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in model.parameters())
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    version = (bits,) + tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in model.parameters())
     if model not in _DRAFTS or _DRAFTS[model][0] != version:
-        _DRAFTS[model] = (version, quantize_int8(copy.deepcopy(model)))
+        quantize = quantize_int4 if bits == 4 else quantize_int8
+        _DRAFTS[model] = (version, quantize(copy.deepcopy(model)))
     return _DRAFTS[model][1]
 
 

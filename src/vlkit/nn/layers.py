@@ -26,7 +26,7 @@ ONEDNN_LINEAR = (os.environ.get("VLKIT_ONEDNN_LINEAR", "1") != "0" and torch.bac
                  and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-ONEDNN_MIN_ROWS = 64  # fewer rows (x.numel() / in_features) than this: F.linear
+ONEDNN_MIN_ROWS = 64  # fewer rows (x.numel() / in_features) than this: (W @ x^T)^T
 
 
 def _onednn_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -60,13 +60,17 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``; fp32 CPU: many rows through oneDNN, 2-63 rows as ``(W @ x^T)^T`` (see module docstring)."""
+    """``F.linear``; fp32 CPU: many rows through oneDNN, 1-63 rows as ``(W @ x^T)^T`` (see module docstring)."""
     fast = (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
     if fast and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1]:
         return _OneDNNLinear.apply(x, weight, bias)
-    if fast and x.numel() >= 2 * x.shape[-1]:  # 2 to ONEDNN_MIN_ROWS - 1 rows (one row: F.linear's gemv)
-        y = (weight @ x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], weight.shape[0])
+    if fast and x.numel() > 0:  # 1 to ONEDNN_MIN_ROWS - 1 rows
+        rows = x.reshape(-1, x.shape[-1])
+        n = rows.shape[0]
+        if n == 1:  # a two-row product streams the weight faster than the one-row one (gemv)
+            rows = rows.expand(2, -1).contiguous()
+        y = (weight @ rows.t())[:, :n].t().contiguous().view(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
 
