@@ -18,6 +18,8 @@ vlkit loads the saved folder), prompts of random ids. ``bf16``: both models cast
 ``--hf-compile``: transformers with its static cache and compiled forward. ``int8``: :func:`vlkit.decoders.quantize.quantize_int8` applied to
 BOTH models (every ``nn.Linear`` -> int8 weights, bfloat16 activations): same kernels, so the ratio
 still compares the frameworks; the row also gives vlkit int8 against transformers float32.
+``--prepack`` (fp32): vlkit's float32 weights stored in oneDNN's layout once
+(:func:`vlkit.decoders.quantize.prepack_fp32`; the same numbers; transformers has no counterpart of its own).
 ``--speculative K`` (with fp32): float32 greedy tokens by speculative decoding, the model's own int4
 (``--draft-bits 8``: int8) copy drafting K tokens a round (:func:`vlkit.decoders.generate.speculative_generate`),
 against transformers' plain float32 ``generate`` and, at batch 1 (its only batch size), transformers'
@@ -109,6 +111,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="vlkit: torch.compile the fixed-shape step")
     p.add_argument("--hf-compile", action="store_true", help="transformers: static cache + compiled forward")
     p.add_argument("--speculative", type=int, default=0, help="fp32: also speculative decoding, K drafts a round")
+    p.add_argument("--prepack", action="store_true", help="fp32: vlkit's weights prepacked for oneDNN (prepack_fp32)")
     p.add_argument("--draft-bits", type=int, default=4, choices=[4, 8], help="speculative: the draft's int4 / int8 weights")
     p.add_argument("--out", default="")
     args = p.parse_args()
@@ -121,11 +124,14 @@ def main() -> None:
     gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads{gpu}), transformers {transformers.__version__}, "
           f"python {platform.python_version()}; {args.model} on {args.device}, {n} new tokens, greedy, vlkit "
-          f"static={args.static} compile={args.compile}, transformers compile={args.hf_compile}\n")
+          f"static={args.static} compile={args.compile} prepack={args.prepack}, transformers compile={args.hf_compile}\n")
     print("| weights | batch | vlkit tokens/s | transformers tokens/s | ratio | same tokens |\n"
           "|---|---|---|---|---|---|")
     for precision in args.precisions.split(","):
         ours, hf, prompts, pad = load_pair(args, precision)
+        if args.prepack and precision == "fp32":
+            from vlkit.decoders.quantize import prepack_fp32
+            prepack_fp32(ours, rows=max(int(b) for b in args.batches.split(",")))
         if args.hf_compile:
             hf.generation_config.cache_implementation = "static"
             hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)

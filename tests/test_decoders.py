@@ -202,6 +202,28 @@ def test_int4_weights_reproduce_a_4_bit_grid_and_fall_back_to_int8_where_the_ker
         assert batched[i, :len(alone)].tolist() == alone.tolist()
 
 
+def test_prepacked_float32_weights_change_no_token_and_still_make_a_quantized_draft():
+    from vlkit.decoders.generate import quantized_draft
+    from vlkit.decoders.quantize import Int4Linear, PackedLinear, prepack_fp32
+
+    model = tiny(init_std=0.3, attn_bias=True)
+    packed = prepack_fp32(tiny(init_std=0.3, attn_bias=True))
+    assert isinstance(packed.lm_head, PackedLinear) and not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    assert torch.equal(packed.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)  # unpacks exactly
+    assert "packed" not in " ".join(packed.state_dict())  # opaque layout: never saved
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12], [13]], pad_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids, mask), model(ids, mask), atol=1e-5, rtol=1e-5)
+    cfg = GenerationConfig(max_new_tokens=12, eos_token_ids=(49,))
+    ref = generate(model, ids, mask, cfg)
+    assert generate(packed, ids, mask, cfg).tolist() == ref.tolist()
+    spec = GenerationConfig(max_new_tokens=12, eos_token_ids=(49,), speculative=3)
+    assert generate(packed, ids, mask, spec).tolist() == ref.tolist()  # its draft: quantized from the unpacked weights
+    assert isinstance(quantized_draft(packed).blocks[0].mlp.fc, Int4Linear)
+    with pytest.raises(ValueError, match="float32 CPU"):
+        packed.lm_head(torch.randn(2, 32, dtype=torch.float64))
+
+
 def test_greedy_equals_transformers_generate(tmp_path):
     hf, ours = hf_llama(tmp_path)
     ids = torch.randint(3, 99, (1, 7))

@@ -59,7 +59,7 @@ def test_world_caption_trains_reports_and_reloads(tmp_path, capsys, monkeypatch)
     assert plain.count("assistant:") == 2
     monkeypatch.setattr("sys.stdin", io.StringIO("what colour is it?\nand its shape?\n\n"))
     assert main(["chat", str(run), str(image), "--speculative", "3"]) == 0
-    assert capsys.readouterr().out == plain  # drafted by an int8 copy, answered by the model itself
+    assert capsys.readouterr().out == plain  # drafted by an int4 copy, answered by the model itself
     monkeypatch.setattr("sys.stdin", io.StringIO("what colour is it?\n\n"))
     assert main(["chat", str(run), str(image), "--int8"]) == 0
     assert capsys.readouterr().out.count("assistant:") == 1

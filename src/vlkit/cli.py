@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_chat)
     for vlm_cmd in (r, c):
         vlm_cmd.add_argument("--speculative", type=int, default=0, metavar="K", help="VLM runs: the same "
-                             "greedy answers, K tokens a round drafted by an int8 copy of the language model")
+                             "greedy answers, K tokens a round drafted by an int4 copy of the language model")
     _search_parser(sub)
     q = sub.add_parser("quickstart", help="train, evaluate and report the main job (about 5 CPU minutes)")
     q.add_argument("--out", default="runs/quickstart")

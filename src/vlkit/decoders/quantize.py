@@ -1,4 +1,4 @@
-"""Int8 weights for CPU decoding.
+"""Int8, int4 and prepacked float32 weights for CPU decoding.
 
 Decoding one token reads every weight once: SmolLM2-135M in float32 streams 540 MB per token, so
 on a CPU tokens/s is set by memory bandwidth, not by arithmetic. :func:`quantize_int8` swaps every
@@ -17,6 +17,11 @@ kernel: 8x fewer weight bytes than float32, 2x fewer than int8. The output head 
 int4 head SmolLM2's int4 draft agrees with the float model on 66% of the tokens, with an int8 head
 93%), as do layers whose input width is not a multiple of the group size (or whose output width is
 not a multiple of 16).
+
+:func:`prepack_fp32` changes no number: every linear layer keeps its float32 weight, stored once in
+oneDNN's blocked layout (:class:`PackedLinear`) instead of being packed again on every call or
+multiplied by the few-row path of :func:`vlkit.nn.layers.linear`; batched decoding steps get about
+25% faster on the 2-core EPYC this was measured on (SmolLM2-135M, 8 rows).
 """
 from __future__ import annotations
 
@@ -84,14 +89,46 @@ class Int4Linear(nn.Module):
                f"group_size={self.group_size}"
 
 
+class PackedLinear(nn.Module):
+    """An ``nn.Linear`` whose float32 weight lives in oneDNN's blocked layout, packed once for products
+    of about ``rows`` rows; float32 arithmetic throughout (equal to ``F.linear`` up to summation order).
+    Inference only, CPU only; ``weight`` unpacks a (dense) copy, e.g. for quantizing a draft."""
+
+    def __init__(self, linear: nn.Module, rows: int = 8):
+        super().__init__()
+        if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or not torch.backends.mkldnn.is_available():
+            raise RuntimeError("prepacked weights need PyTorch built with oneDNN (mkldnn)")
+        self.in_features, self.out_features, self.rows = linear.in_features, linear.out_features, rows
+        w = linear.weight.detach().to(torch.float32).contiguous()
+        if w.device.type != "cpu":
+            raise ValueError(f"prepacked weights are for CPU decoding; this weight is on {w.device}")
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)  # opaque: not a buffer, not saved
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.packed.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            raise ValueError(f"a prepacked linear layer takes float32 CPU inputs, got {x.dtype} on {x.device}")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def __deepcopy__(self, memo) -> "PackedLinear":  # (an opaque oneDNN tensor has no storage to copy)
+        return PackedLinear(self, self.rows).train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, float32 packed for {self.rows} rows"
+
+
 def int4_fits(linear: nn.Linear, group_size: int = 32) -> bool:
     """Whether the int4 kernel takes this layer's shape (whole groups; output rows in tiles of 16)."""
     return linear.in_features % group_size == 0 and linear.out_features % 16 == 0
 
 
 def _replace_linears(model: nn.Module, make) -> nn.Module:
-    """Every ``nn.Linear`` of ``model`` -> ``make(name, linear)``, in place; eval mode."""
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Every ``nn.Linear`` (or :class:`PackedLinear`) of ``model`` -> ``make(name, linear)``, in place; eval mode."""
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, PackedLinear))]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, make(name, linear))
@@ -114,3 +151,11 @@ def quantize_int4(model: nn.Module, group_size: int = 32, int8_names: tuple[str,
             return Int8Linear(m)
         return Int4Linear(m, group_size)
     return _replace_linears(model, make)
+
+
+def prepack_fp32(model: nn.Module, rows: int = 8) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` (in place) by a :class:`PackedLinear` (same float32
+    weights, oneDNN layout packed for ``rows``-row products: the batch size of decoding steps); returns
+    ``model`` in eval mode. CPU inference only: the packed weights are not parameters (no training, no
+    ``.to(device)``, not in the state dict). A tied output head gets its own packed copy."""
+    return _replace_linears(model, lambda name, m: PackedLinear(m, rows))

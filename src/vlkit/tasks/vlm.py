@@ -461,7 +461,7 @@ def protocol(cfg: VLMConfig, encoder: ConversationEncoder, example: dict) -> dic
                                add_generation_prompt=True)
     return {"decoding": "beam" if g.num_beams > 1 else ("sampling" if g.do_sample else "greedy"),
             "num_beams": g.num_beams, "max_new_tokens": g.max_new_tokens, "temperature": g.temperature,
-            "top_k": g.top_k, "top_p": g.top_p, **({"speculative_drafts": g.speculative} if g.speculative else {}),
+            "top_k": g.top_k, "top_p": g.top_p, **({"speculative_drafts": g.speculative, "draft_bits": g.draft_bits} if g.speculative else {}),
             "prompt_example": text}
 
 
@@ -579,10 +579,13 @@ def load_weights(model: VLM, path: str | Path) -> int:
     return len(state)
 
 
-def load_vlm(path: str | Path, int8: bool = False, speculative: int = 0) -> tuple[VLM, VLMConfig, ConversationEncoder]:
+def load_vlm(path: str | Path, int8: bool = False, speculative: int = 0, prepack: bool = False
+             ) -> tuple[VLM, VLMConfig, ConversationEncoder]:
     """A trained VLM run (or its model folder): the model in eval mode, its config and prompt encoder
     (``int8``: the language model's weights quantized; ``speculative``: its greedy answers drafted this
-    many tokens at a time by an int8 copy, ``generation.speculative``)."""
+    many tokens at a time by an int4 copy (``generation.draft_bits``), ``generation.speculative``;
+    ``prepack``: the language model's float32 weights stored in oneDNN's layout for CPU decoding, the
+    same numbers, :func:`vlkit.decoders.quantize.prepack_fp32`)."""
     from vlkit.checkpoints.hub import model_folder
     from vlkit.config import from_dict
 
@@ -592,7 +595,7 @@ def load_vlm(path: str | Path, int8: bool = False, speculative: int = 0) -> tupl
         raise ValueError(f"{folder} is not a vlkit VLM (architecture {doc.get('architecture')!r})")
     if speculative:
         if int8:
-            raise ConfigError("speculative", "drafts with an int8 copy of the float language model: not with --int8")
+            raise ConfigError("speculative", "drafts with a quantized copy of the float language model: not with --int8")
         doc["config"].setdefault("generation", {})["speculative"] = speculative
     cfg = from_dict(VLMConfig, doc["config"])
     model = build_vlm(cfg)
@@ -603,6 +606,10 @@ def load_vlm(path: str | Path, int8: bool = False, speculative: int = 0) -> tupl
         from vlkit.decoders.quantize import quantize_int8
 
         quantize_int8(model.decoder)
+    elif prepack and torch.backends.mkldnn.is_available():
+        from vlkit.decoders.quantize import prepack_fp32
+
+        prepack_fp32(model.decoder)
     return model.eval(), cfg, encoder
 
 
@@ -637,10 +644,10 @@ def _image_tensor(path, cfg: VLMConfig) -> torch.Tensor:
 
 def answer_files(run: str | Path, images, prompt: str, int8: bool = False, speculative: int = 0) -> list[dict]:
     """``[{"path", "answer"}]`` (or ``{"path", "error"}`` for unreadable images) with a VLM run
-    (``int8`` and ``speculative`` as :func:`load_vlm` takes them)."""
+    (``int8`` and ``speculative`` as :func:`load_vlm` takes them; float32 weights prepacked)."""
     from vlkit.data.images import BadImageError
 
-    model, cfg, encoder = load_vlm(run, int8, speculative)
+    model, cfg, encoder = load_vlm(run, int8, speculative, prepack=True)
     out = []
     for path in images:
         try:
@@ -659,7 +666,7 @@ class ChatSession:
     """A multi-turn conversation about one image: each question sees the whole history."""
 
     def __init__(self, run: str | Path, image: str | Path, int8: bool = False, speculative: int = 0):
-        self.model, self.cfg, self.encoder = load_vlm(run, int8, speculative)
+        self.model, self.cfg, self.encoder = load_vlm(run, int8, speculative, prepack=True)
         self.pixels = _image_tensor(image, self.cfg)[None]
         self.messages: list[dict] = []
 
