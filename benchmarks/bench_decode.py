@@ -193,12 +193,13 @@ def bench_speculative(ours, hf, prompts, pad: int, args) -> list[dict]:
     ``generate`` and (batch 1) its assisted generation with the same quantized assistant, one run."""
     import copy
 
-    from vlkit.decoders.generate import GenerationConfig, left_pad, speculative_generate
+    from vlkit.decoders.generate import GenerationConfig, left_pad, quantized_draft, speculative_generate
     from vlkit.decoders.quantize import quantize_int4, quantize_int8
 
     n, k, rows, device = args.new_tokens, args.speculative, [], torch.device(args.device)
     quantize = quantize_int4 if args.draft_bits == 4 else quantize_int8
-    draft, hf_draft = quantize(copy.deepcopy(ours)), quantize(copy.deepcopy(hf))
+    # the draft generation.speculative makes (quantized weights, bfloat16 activations); the same for transformers
+    draft, hf_draft = quantized_draft(ours, args.draft_bits), quantize(copy.deepcopy(hf).to(torch.bfloat16))
     # transformers' assistant at the same K every round (its defaults: 20 tokens, adaptive, confidence stop)
     hf_draft.generation_config.num_assistant_tokens = k
     hf_draft.generation_config.num_assistant_tokens_schedule = "constant"

@@ -344,6 +344,7 @@ def test_speculative_generation_config_stops_like_generate_and_redrafts_after_an
                     stop_fn=stop_fn).tolist() == ref.tolist()
     draft = quantized_draft(model)
     assert quantized_draft(model) is draft and isinstance(draft.blocks[0].mlp.fc, Int4Linear)  # kept
+    assert draft.embed_tokens.weight.dtype == torch.bfloat16  # bfloat16 activations and cache around the int4 matmuls
     assert isinstance(quantized_draft(model, 8).blocks[0].mlp.fc, Int8Linear)
     draft = quantized_draft(model)
     with torch.no_grad():
