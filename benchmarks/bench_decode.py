@@ -19,7 +19,7 @@ vlkit loads the saved folder), prompts of random ids. ``bf16``: both models cast
 BOTH models (every ``nn.Linear`` -> int8 weights, bfloat16 activations): same kernels, so the ratio
 still compares the frameworks; the row also gives vlkit int8 against transformers float32.
 ``--prepack`` (fp32): vlkit's float32 weights stored in oneDNN's layout once
-(:func:`vlkit.decoders.quantize.prepack_fp32`; the same numbers; transformers has no counterpart of its own).
+(:func:`vlkit.decoders.quantize.prepack_fp32`; float32 arithmetic up to summation order; transformers has no counterpart of its own).
 ``--speculative K`` (with fp32): float32 greedy tokens by speculative decoding, the model's own int4
 (``--draft-bits 8``: int8) copy drafting K tokens a round (:func:`vlkit.decoders.generate.speculative_generate`),
 against transformers' plain float32 ``generate`` and, at batch 1 (its only batch size), transformers'

@@ -1,5 +1,6 @@
 """Causal decoders: parity with transformers (Llama with GQA, GPT-2), KV cache == full forward,
 left-padded batches, greedy / sampling / beam search."""
+import copy
 import itertools
 
 import pytest
@@ -187,6 +188,11 @@ def test_int4_weights_reproduce_a_4_bit_grid_and_fall_back_to_int8_where_the_ker
     assert 1e-4 < ((Int4Linear(rough)(x) - rough(x)).norm() / rough(x).norm()) < 0.15
     with pytest.raises(ValueError, match="multiple"):
         Int4Linear(torch.nn.Linear(48, 32))
+    with pytest.raises(ValueError, match="multiple"):
+        Int4Linear(torch.nn.Linear(32, 24))  # output rows come in tiles of 16
+    with pytest.raises(ValueError, match="group_size"):
+        Int4Linear(torch.nn.Linear(48, 32), group_size=48)
+    assert isinstance(quantize_int4(torch.nn.Sequential(torch.nn.Linear(32, 24)))[0], Int8Linear)
     model = quantize_int4(tiny(tie_embeddings=True))
     assert isinstance(model.blocks[0].mlp.fc, Int4Linear)  # 32 -> 96
     assert isinstance(model.blocks[0].mlp.proj, Int8Linear)  # 48 inputs: no whole groups of 32
@@ -222,6 +228,12 @@ def test_prepacked_float32_weights_change_no_token_and_still_make_a_quantized_dr
     assert isinstance(quantized_draft(packed).blocks[0].mlp.fc, Int4Linear)
     with pytest.raises(ValueError, match="float32 CPU"):
         packed.lm_head(torch.randn(2, 32, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="inference"):
+        packed.lm_head(torch.randn(2, 32, requires_grad=True))  # no silent missing gradients
+    twin = copy.deepcopy(packed)
+    assert twin.lm_head.bias is None and twin.blocks[0].attn.qkv.bias.data_ptr() != packed.blocks[0].attn.qkv.bias.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(twin(ids, mask), packed(ids, mask))
 
 
 def test_greedy_equals_transformers_generate(tmp_path):

@@ -69,10 +69,17 @@ def test_world_caption_trains_reports_and_reloads(tmp_path, capsys, monkeypatch)
     assert isinstance(load_vlm(run, int8=True)[0].decoder.lm_head, Int8Linear)
     from vlkit.tasks.vlm import ChatSession
 
+    from vlkit.decoders.quantize import PackedLinear
+
     session = ChatSession(run, image)
+    assert isinstance(session.model.decoder.lm_head, PackedLinear)  # predict / chat prepack the language model
     session.ask("first?")
     session.ask("second?")
     assert [m["role"] for m in session.messages] == ["user", "assistant"] * 2
+    unpacked = ChatSession(run, image)
+    unpacked.model = load_vlm(run)[0]
+    assert [unpacked.ask("first?"), unpacked.ask("second?")] == [session.messages[1]["content"],
+                                                                 session.messages[3]["content"]]
     assert session.messages[0]["content"].startswith("<image>") and "<image>" not in session.messages[2]["content"]
 
 
@@ -218,6 +225,14 @@ def test_two_stage_training_continues_from_the_first_stage_with_lora(tmp_path):
     w2 = second.decoder.blocks[0].attn.qkv.base.weight  # LoRA-wrapped, base frozen: unchanged from stage 1
     assert torch.equal(w1, w2) and torch.equal(first.connector.mlp.fc1.weight, second.connector.mlp.fc1.weight)
     assert second.decoder.blocks[0].attn.qkv.lora_b.abs().sum() > 0  # stage 2 trained the adapters
+    from vlkit.decoders.quantize import PackedLinear
+
+    packed, _, _ = vt.load_vlm(stage2, prepack=True)  # as predict / chat load it: LoRA merged, then packed
+    qkv = packed.decoder.blocks[0].attn.qkv
+    assert qkv.merged and isinstance(qkv.base, PackedLinear)
+    ids = torch.randint(3, 60, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(packed.decoder(ids), second.decoder(ids), atol=1e-4, rtol=1e-4)
 
 
 def test_easy_vqa_samples_carry_their_answer_type():

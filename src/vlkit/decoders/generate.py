@@ -185,10 +185,11 @@ def quantized_draft(model: CausalLM, bits: int = 4) -> CausalLM:
 
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
-    version = (bits,) + tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in model.parameters())
+    version = (bits,) + tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in model.parameters()) \
+        + tuple(id(m.packed) for m in model.modules() if hasattr(m, "packed"))  # prepacked layers: no parameters
     if model not in _DRAFTS or _DRAFTS[model][0] != version:
-        quantize = quantize_int4 if bits == 4 else quantize_int8
-        _DRAFTS[model] = (version, quantize(copy.deepcopy(model).to(torch.bfloat16)))
+        quantize = quantize_int4 if bits == 4 else quantize_int8  # from float32 weights, then the rest in bfloat16
+        _DRAFTS[model] = (version, quantize(copy.deepcopy(model)).to(torch.bfloat16))
     return _DRAFTS[model][1]
 
 

@@ -18,7 +18,7 @@ int4 head SmolLM2's int4 draft agrees with the float model on 66% of the tokens,
 93%), as do layers whose input width is not a multiple of the group size (or whose output width is
 not a multiple of 16).
 
-:func:`prepack_fp32` changes no number: every linear layer keeps its float32 weight, stored once in
+:func:`prepack_fp32` keeps float32 arithmetic (equal up to summation order): every linear layer keeps its float32 weight, stored once in
 oneDNN's blocked layout (:class:`PackedLinear`) instead of being packed again on every call or
 multiplied by the few-row path of :func:`vlkit.nn.layers.linear`; batched decoding steps get about
 25% faster on the 2-core EPYC this was measured on (SmolLM2-135M, 8 rows).
@@ -62,15 +62,18 @@ class Int4Linear(nn.Module):
         super().__init__()
         w = linear.weight.detach().float()
         self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
+        if group_size not in (32, 64, 128, 256):
+            raise ValueError(f"group_size must be 32, 64, 128 or 256, got {group_size}")
         if not int4_fits(linear, group_size):
             raise ValueError(f"int4 weights need in_features ({self.in_features}) a multiple of group_size "
                              f"({group_size}) and out_features ({self.out_features}) a multiple of 16")
         groups = w.view(self.out_features, -1, group_size)  # (out, in / g, g)
         low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-        scale = ((high - low) / 15).clamp(min=1e-8).to(torch.bfloat16).float()  # as the kernel will read it
-        q = ((groups - low) / scale).round().clamp(0, 15)
-        # the kernel computes (q - 8) * scale + zero: zero = min + 8 scale, both bfloat16 (in / g, out, 2)
-        zero = (low + 8 * scale)
+        # the kernel computes (q - 8) * scale + zero with scale and zero in bfloat16 (in / g, out, 2):
+        # zero = min + 8 scale, and q counted from the minimum the rounded values give back
+        scale = ((high - low) / 15).clamp(min=1e-8).to(torch.bfloat16).float()
+        zero = (low + 8 * scale).to(torch.bfloat16).float()
+        q = ((groups - (zero - 8 * scale)) / scale).round().clamp(0, 15)
         self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             q.view(self.out_features, self.in_features).to(torch.int32), 1))
         self.register_buffer("scale_zero", torch.stack([scale, zero], -1).squeeze(2).transpose(0, 1)
@@ -103,7 +106,7 @@ class PackedLinear(nn.Module):
         if w.device.type != "cpu":
             raise ValueError(f"prepacked weights are for CPU decoding; this weight is on {w.device}")
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)  # opaque: not a buffer, not saved
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
 
     @property
     def weight(self) -> torch.Tensor:
@@ -112,18 +115,23 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype != torch.float32:
             raise ValueError(f"a prepacked linear layer takes float32 CPU inputs, got {x.dtype} on {x.device}")
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("a prepacked linear layer is for inference: it has no gradients (use torch.no_grad)")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def __deepcopy__(self, memo) -> "PackedLinear":  # (an opaque oneDNN tensor has no storage to copy)
-        return PackedLinear(self, self.rows).train(self.training)
+        memo[id(self)] = copy = PackedLinear(self, self.rows).train(self.training)
+        return copy
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, float32 packed for {self.rows} rows"
 
 
 def int4_fits(linear: nn.Linear, group_size: int = 32) -> bool:
-    """Whether the int4 kernel takes this layer's shape (whole groups; output rows in tiles of 16)."""
-    return linear.in_features % group_size == 0 and linear.out_features % 16 == 0
+    """Whether the int4 kernel (PyTorch >= 2.6) exists and takes this layer's shape (whole groups;
+    output rows in tiles of 16)."""
+    return (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and linear.in_features % group_size == 0
+            and linear.out_features % 16 == 0)
 
 
 def _replace_linears(model: nn.Module, make) -> nn.Module:
@@ -143,11 +151,11 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 def quantize_int4(model: nn.Module, group_size: int = 32, int8_names: tuple[str, ...] = ("lm_head",)) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (in place) by an :class:`Int4Linear`, except those named
-    in ``int8_names`` (by default the output head, whose errors flip the next token directly; llama.cpp
+    in ``int8_names`` (any component of the module's name; by default the output head, whose errors flip the next token directly; llama.cpp
     keeps it wider too) or whose shape does not fit (:func:`int4_fits`): :class:`Int8Linear`. Returns
     ``model`` in eval mode. CPU only."""
     def make(name: str, m: nn.Linear) -> nn.Module:
-        if name.rpartition(".")[2] in int8_names or not int4_fits(m, group_size):
+        if set(name.split(".")) & set(int8_names) or not int4_fits(m, group_size):  # (lm_head.base too)
             return Int8Linear(m)
         return Int4Linear(m, group_size)
     return _replace_linears(model, make)

@@ -37,6 +37,7 @@ from vlkit.encoders.vit import ViTConfig, VisionTransformer
 from vlkit.eval.vl_metrics import caption_metrics, normalize_answer, vqa_accuracy
 from vlkit.models.peft import TuningConfig
 from vlkit.models.vlm import IGNORE_INDEX, VLM, InjectionConfig
+from vlkit.nn.layers import ONEDNN_LINEAR
 from vlkit.tasks.data import limit_dataset
 from vlkit.train import TrainConfig, Trainer
 from vlkit.train.distributed import is_main
@@ -584,8 +585,9 @@ def load_vlm(path: str | Path, int8: bool = False, speculative: int = 0, prepack
     """A trained VLM run (or its model folder): the model in eval mode, its config and prompt encoder
     (``int8``: the language model's weights quantized; ``speculative``: its greedy answers drafted this
     many tokens at a time by an int4 copy (``generation.draft_bits``), ``generation.speculative``;
-    ``prepack``: the language model's float32 weights stored in oneDNN's layout for CPU decoding, the
-    same numbers, :func:`vlkit.decoders.quantize.prepack_fp32`)."""
+    ``prepack``: the language model's float32 weights (LoRA merged) stored in oneDNN's layout for CPU
+    decoding, float32 arithmetic up to summation order, :func:`vlkit.decoders.quantize.prepack_fp32`;
+    ``VLKIT_ONEDNN_LINEAR=0`` or ``generation.compile`` leave them as they are)."""
     from vlkit.checkpoints.hub import model_folder
     from vlkit.config import from_dict
 
@@ -606,9 +608,12 @@ def load_vlm(path: str | Path, int8: bool = False, speculative: int = 0, prepack
         from vlkit.decoders.quantize import quantize_int8
 
         quantize_int8(model.decoder)
-    elif prepack and torch.backends.mkldnn.is_available():
+    elif prepack and ONEDNN_LINEAR and not cfg.generation.compile:  # (compiled steps trace plain weights)
         from vlkit.decoders.quantize import prepack_fp32
+        from vlkit.nn.lora import merge_lora
 
+        with torch.no_grad():
+            merge_lora(model.decoder)  # LoRA folded into the weights it adapts, then those packed
         prepack_fp32(model.decoder)
     return model.eval(), cfg, encoder
 
