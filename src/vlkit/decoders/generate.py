@@ -91,8 +91,8 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: Optional[
     if cfg.speculative:
         if layer_hook is not None:
             raise ValueError("speculative decoding takes no layer hook (Flamingo / eP-ALM VLMs): speculative=0")
-        return speculative_generate(model, quantized_draft(model, cfg.draft_bits), input_ids, attention_mask, cfg, cfg.speculative,
-                                    stop_fn, inputs_embeds)
+        return speculative_generate(model, quantized_draft(model, cfg.draft_bits), input_ids, attention_mask, cfg,
+                                    cfg.speculative, stop_fn, inputs_embeds)
     B, T = input_ids.shape
     cache = _new_cache(model, B, T + cfg.max_new_tokens, cfg.compile)
     eos = _eos_ids(model, cfg, input_ids.device)

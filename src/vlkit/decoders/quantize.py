@@ -18,8 +18,8 @@ int4 head SmolLM2's int4 draft agrees with the float model on 66% of the tokens,
 93%), as do layers whose input width is not a multiple of the group size (or whose output width is
 not a multiple of 16).
 
-:func:`prepack_fp32` keeps float32 arithmetic (equal up to summation order): every linear layer keeps its float32 weight, stored once in
-oneDNN's blocked layout (:class:`PackedLinear`) instead of being packed again on every call or
+:func:`prepack_fp32` keeps float32 arithmetic (equal up to summation order): every linear layer keeps
+its float32 weight, stored once in oneDNN's blocked layout (:class:`PackedLinear`) instead of being packed again on every call or
 multiplied by the few-row path of :func:`vlkit.nn.layers.linear`; batched decoding steps get about
 25% faster on the 2-core EPYC this was measured on (SmolLM2-135M, 8 rows).
 """
@@ -29,39 +29,53 @@ import torch
 from torch import nn
 
 
-class Int8Linear(nn.Module):
+class _WeightOnlyLinear(nn.Module):
+    """What the quantized linear layers share: ``forward(x (..., in))`` -> ``(..., out)`` in x's dtype,
+    the rows multiplied in bfloat16 by the subclass's ``_mm(x (N, in) bf16)``, then the float bias."""
+
+    def __init__(self, linear: nn.Linear, kind: str):
+        super().__init__()
+        self.in_features, self.out_features, self.kind = linear.in_features, linear.out_features, kind
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._mm(x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous())
+        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind} weights"
+
+
+class Int8Linear(_WeightOnlyLinear):
     """An ``nn.Linear`` computed with int8 weights (per-output-channel scales) and bfloat16
     activations, accumulated in float; inference only. ``forward(x (..., in))`` -> ``(..., out)`` in
     x's dtype."""
 
     def __init__(self, linear: nn.Linear):
-        super().__init__()
+        super().__init__(linear, "int8")
         w = linear.weight.detach().float()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
         self.register_buffer("weight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(torch.bfloat16))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous(), self.weight,
-                                      self.scale).reshape(*shape[:-1], self.out_features).to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x, self.weight, self.scale)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_WeightOnlyLinear):
     """An ``nn.Linear`` computed with 4-bit weights in groups of ``group_size`` input channels:
     w = q * scale + minimum for q in 0..15 (scale = (max - min) / 15 per group), bfloat16 activations,
     PyTorch's CPU int4 kernel; inference only. ``forward(x (..., in))`` -> ``(..., out)`` in x's dtype."""
 
     def __init__(self, linear: nn.Linear, group_size: int = 32):
-        super().__init__()
+        super().__init__(linear, f"int4 (groups of {group_size})")
         w = linear.weight.detach().float()
-        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
+        self.group_size = group_size
         if group_size not in (32, 64, 128, 256):
             raise ValueError(f"group_size must be 32, 64, 128 or 256, got {group_size}")
         if not int4_fits(linear, group_size):
@@ -78,18 +92,9 @@ class Int4Linear(nn.Module):
             q.view(self.out_features, self.in_features).to(torch.int32), 1))
         self.register_buffer("scale_zero", torch.stack([scale, zero], -1).squeeze(2).transpose(0, 1)
                              .contiguous().to(torch.bfloat16))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous(),
-                                                       self.weight, self.group_size, self.scale_zero)
-        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 weights, " \
-               f"group_size={self.group_size}"
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scale_zero)
 
 
 class PackedLinear(nn.Module):
@@ -151,8 +156,8 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 def quantize_int4(model: nn.Module, group_size: int = 32, int8_names: tuple[str, ...] = ("lm_head",)) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (in place) by an :class:`Int4Linear`, except those named
-    in ``int8_names`` (any component of the module's name; by default the output head, whose errors flip the next token directly; llama.cpp
-    keeps it wider too) or whose shape does not fit (:func:`int4_fits`): :class:`Int8Linear`. Returns
+    in ``int8_names`` (any component of the module's name; by default the output head, whose errors flip
+    the next token directly; llama.cpp keeps it wider too) or whose shape does not fit (:func:`int4_fits`): :class:`Int8Linear`. Returns
     ``model`` in eval mode. CPU only."""
     def make(name: str, m: nn.Linear) -> nn.Module:
         if set(name.split(".")) & set(int8_names) or not int4_fits(m, group_size):  # (lm_head.base too)

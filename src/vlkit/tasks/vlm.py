@@ -462,7 +462,8 @@ def protocol(cfg: VLMConfig, encoder: ConversationEncoder, example: dict) -> dic
                                add_generation_prompt=True)
     return {"decoding": "beam" if g.num_beams > 1 else ("sampling" if g.do_sample else "greedy"),
             "num_beams": g.num_beams, "max_new_tokens": g.max_new_tokens, "temperature": g.temperature,
-            "top_k": g.top_k, "top_p": g.top_p, **({"speculative_drafts": g.speculative, "draft_bits": g.draft_bits} if g.speculative else {}),
+            "top_k": g.top_k, "top_p": g.top_p,
+            **({"speculative_drafts": g.speculative, "draft_bits": g.draft_bits} if g.speculative else {}),
             "prompt_example": text}
 
 
