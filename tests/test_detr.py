@@ -1,4 +1,5 @@
 """DETR: shapes, position encoding, auxiliary outputs, a tiny overfit whose loss must fall."""
+import pytest
 import torch
 
 from vlkit.encoders.vit import ViTConfig, VisionTransformer
@@ -65,3 +66,74 @@ def test_query_cross_attention_is_returned_without_changing_outputs():
     assert attn[..., 4:].abs().max() == 0 and torch.allclose(attn.sum((-1, -2)), torch.ones(2, 5), atol=1e-5)
     det = postprocess(seen, torch.tensor([[32, 32]] * 2), threshold=0.0)[0]
     assert det["queries"].tolist() == list(range(5))
+
+
+TARGETS = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
+           {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
+
+
+def test_anchor_queries_start_at_their_anchors_and_refine_per_layer():
+    model = tiny_detr(queries="anchor").eval()
+    out = model(torch.randn(2, 3, 32, 32))
+    anchors = model.anchors.weight.sigmoid()
+    for layer in [*out["aux_outputs"], out]:  # the box head starts at zero: every layer keeps the anchors
+        assert torch.allclose(layer["boxes"], anchors.expand(2, -1, -1), atol=1e-5)
+    assert ((anchors[:, :2] > 0.04) & (anchors[:, :2] < 0.96)).all() and "query_embed.weight" not in model.state_dict()
+    with torch.no_grad():
+        model.bbox_embed[-1].bias.copy_(torch.tensor([0.5, 0.0, 0.0, 0.0]))
+    out = model(torch.randn(2, 3, 32, 32))  # each layer moves its input box by the same logit delta
+    first = (torch.logit(anchors, eps=1e-3) + torch.tensor([0.5, 0, 0, 0])).sigmoid()
+    assert torch.allclose(out["aux_outputs"][0]["boxes"][0], first, atol=1e-5)
+    assert torch.allclose(out["boxes"][0], (torch.logit(first, eps=1e-3) + torch.tensor([0.5, 0, 0, 0])).sigmoid(),
+                          atol=1e-5)
+
+
+def test_denoising_queries_are_invisible_to_matching_queries_and_to_other_groups():
+    model = tiny_detr(queries="anchor", dn_groups=3).train()  # dropout 0: train mode is deterministic
+    images = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    with_dn = model(images, targets=TARGETS)
+    alone = model(images)  # no targets: no denoising queries
+    assert "dn_outputs" not in alone and len(with_dn["dn_outputs"]) == 2
+    assert torch.allclose(with_dn["logits"], alone["logits"], atol=1e-5)
+    assert torch.allclose(with_dn["boxes"], alone["boxes"], atol=1e-5)
+    dn = with_dn["dn_targets"]
+    assert dn["labels"].shape == (2, 6) and dn["valid"].tolist() == [[True] * 6, [True, False] * 3]
+    assert torch.equal(dn["true_boxes"][0, 2:4], TARGETS[0]["boxes"])  # group 2 repeats the ground truth
+    # the mask: group g sees itself and the matching queries; matching queries see only themselves
+    mask = model._denoising_queries(TARGETS, 2)["mask"]
+    assert mask.shape == (2, 11, 11) and mask[:, 6:, :6].all() and not mask[:, :, 6:].any()
+    assert not mask[0, 0, 1] and mask[0, 0, 2] and mask[1, 0, 1] and not mask[1, 1, 1]  # padding sees itself
+    # a group's outputs do not change when another group's noise does
+    torch.manual_seed(2)
+    other = model(images, targets=TARGETS)
+    assert not torch.allclose(other["dn_outputs"][-1]["boxes"], with_dn["dn_outputs"][-1]["boxes"])
+    assert "dn_outputs" not in model.eval()(images, targets=TARGETS)  # evaluation never denoises
+
+
+def test_denoising_losses_and_training():
+    model = tiny_detr(queries="anchor", dn_groups=2)
+    crit = SetCriterion(3, HungarianMatcher())
+    losses = crit(model(torch.randn(2, 3, 32, 32), targets=TARGETS), TARGETS)
+    assert {"loss_dn_ce", "loss_dn_bbox", "loss_dn_giou", "loss_dn_ce_0"} <= set(losses)
+    perfect = {"logits": torch.full((1, 2, 4), -10.0), "boxes": TARGETS[0]["boxes"][None].clone()}
+    perfect["logits"][0, [0, 1], [0, 2]] = 10.0
+    dn = {"labels": TARGETS[0]["labels"][None], "true_boxes": TARGETS[0]["boxes"][None],
+          "valid": torch.ones(1, 2, dtype=torch.bool)}
+    assert all(v.item() < 1e-6 for v in crit.denoising(perfect, dn).values())
+    images = torch.randn(2, 3, 32, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    first = crit(model(images), TARGETS)["loss"].item()  # the set loss of the matching queries alone
+    for _ in range(120):
+        loss = crit(model(images, targets=TARGETS), TARGETS)["loss"]  # with the noised queries' losses
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert crit(model(images), TARGETS)["loss"].item() < 0.25 * first
+
+
+def test_query_options_are_checked():
+    with pytest.raises(ValueError, match="queries=anchor"):
+        DETRConfig(dn_groups=2)
+    with pytest.raises(ValueError, match="'learned' or 'anchor'"):
+        DETRConfig(queries="boxes")

@@ -2,7 +2,9 @@
 between the N predictions and the targets minimising class probability + L1 + GIoU costs, then
 cross-entropy over all N predictions (unmatched ones must say "no object", down-weighted by
 ``eos_coef``), L1 and 1 - GIoU on the matched boxes, each averaged over the number of targets; the
-same on every auxiliary decoder layer's output.
+same on every auxiliary decoder layer's output. With DN-DETR's denoising queries ("dn_outputs" and
+"dn_targets" in the outputs) also their reconstruction losses, without matching: cross-entropy to the
+true class, L1 and 1 - GIoU to the true box ("loss_dn_ce", "loss_dn_bbox", "loss_dn_giou", per layer).
 """
 from __future__ import annotations
 
@@ -78,6 +80,16 @@ class SetCriterion(nn.Module):
             out["class_error"] = 100 * (1 - correct.float().mean())
         return out
 
+    def denoising(self, outputs: dict, dn: dict) -> dict:
+        """The three reconstruction losses of one layer's denoising queries (``dn`` from the model)."""
+        valid = dn["valid"]
+        num = max(1.0, float(valid.sum()))
+        src_boxes, tgt_boxes = outputs["boxes"][valid], dn["true_boxes"][valid]
+        giou = generalized_box_iou(cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(tgt_boxes)).diag()
+        return {"loss_dn_ce": F.cross_entropy(outputs["logits"][valid], dn["labels"][valid]),
+                "loss_dn_bbox": F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num,
+                "loss_dn_giou": (1 - giou).sum() / num}
+
     def forward(self, outputs: dict, targets: list[dict]) -> dict:
         num_boxes = max(1.0, float(sum(len(t["labels"]) for t in targets)))
         losses = self.single(outputs, targets, num_boxes)
@@ -86,5 +98,11 @@ class SetCriterion(nn.Module):
             layer = self.single(aux, targets, num_boxes)
             total = total + sum(self.weights[k] * layer[k] for k in self.weights)
             losses.update({f"{k}_{i}": v for k, v in layer.items() if k in self.weights})
+        dn_layers = outputs.get("dn_outputs", [])
+        for i, dn_out in enumerate(dn_layers):
+            layer = self.denoising(dn_out, outputs["dn_targets"])
+            total = total + sum(self.weights[k.replace("dn_", "")] * v for k, v in layer.items())
+            suffix = "" if i == len(dn_layers) - 1 else f"_{i}"
+            losses.update({f"{k}{suffix}": v for k, v in layer.items()})
         losses["loss"] = total
         return losses

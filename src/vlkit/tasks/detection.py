@@ -102,8 +102,8 @@ def _targets(batch: dict, device) -> list[dict]:
 
 def objective_fn(criterion: SetCriterion):
     def objective(model: nn.Module, batch: dict) -> dict:
-        out = model(batch["image"])
-        return criterion(out, _targets(batch, batch["image"].device))
+        targets = _targets(batch, batch["image"].device)
+        return criterion(model(batch["image"], targets=targets), targets)
     return objective
 
 
