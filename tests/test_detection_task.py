@@ -6,6 +6,7 @@ import torch
 
 import vlkit
 from vlkit.cli import load_recipe, main
+from vlkit.checkpoints.io import load_state_dict_strict
 from vlkit.config import ConfigError
 from vlkit.eval.detection import coco_map
 
@@ -94,3 +95,42 @@ def test_coco_format_dataset_and_training(tmp_path):
                  f"coco_val={tmp_path / 'train.json'}", f"image_root={tmp_path}", "detr.num_classes=2",
                  "world.image_size=64", "train.batch_size=1", "--run-dir", str(run)]) == 0
     assert "AP50" in json.loads((run / "eval.json").read_text())["eval"]["val"]
+
+
+def test_backbone_init_starts_detr_and_segmenter_from_a_vit_classifier(tmp_path):
+    from vlkit.checkpoints.hub import save_model
+    from vlkit.encoders.vit import ViTConfig
+    from vlkit.models.classifier import ClassifierConfig, build_classifier
+    from vlkit.tasks.data import pretrained_vit
+    from vlkit.tasks.detection import build_detr
+
+    torch.manual_seed(0)
+    cls_cfg = ClassifierConfig(arch="vit", num_classes=8, vit=ViTConfig(image_size=64, patch_size=8, embed_dim=32,
+                                                                          depth=2, num_heads=2))
+    classifier = build_classifier(cls_cfg).eval()
+    save_model(classifier, tmp_path / "cls", "classifier", cls_cfg)
+    cfg, state = pretrained_vit(load_recipe("detr_world", [f"backbone_init={tmp_path / 'cls'}"])[0])
+    assert cfg.vit.depth == 2 and cfg.vit.num_classes == 0 and not any(k.startswith("head") for k in state)
+    detr = build_detr(cfg).eval()
+    load_state_dict_strict(detr.backbone.encoder, state)
+    x = torch.randn(2, 3, 64, 64)
+    tokens = classifier.forward_features(x)[:, 1:].transpose(1, 2).reshape(2, 32, 8, 8)
+    assert torch.allclose(detr.backbone(x), tokens, atol=1e-6)
+    # end to end, the backbone frozen: the saved detector's encoder is the classifier's, and rebuilds alone
+    frozen = "train.param_groups=[{pattern: '^backbone\\.', lr_scale: 0}]"
+    run = tmp_path / "detr"
+    assert main(["train", "detr_world", *TINY, f"backbone_init={tmp_path / 'cls'}", frozen, "--run-dir", str(run)]) == 0
+    (tmp_path / "cls" / "model.safetensors").unlink()  # the detector no longer needs it
+    saved = vlkit.load(run).backbone.encoder.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in state.items()) and len(saved) == len(state)
+    seg = tmp_path / "seg"
+    save_model(classifier, tmp_path / "cls", "classifier", cls_cfg)
+    from test_segmentation import TINY as SEG_TINY
+
+    assert main(["train", "segmenter_world", *SEG_TINY, f"backbone_init={tmp_path / 'cls'}", "vit.patch_size=8",
+                 "--run-dir", str(seg)]) == 0
+    assert vlkit.load(seg).encoder.cfg.depth == 2
+    with pytest.raises(ConfigError, match="neither a ViT classifier"):
+        pretrained_vit(load_recipe("detr_world", [f"backbone_init={run}"])[0])
+    with pytest.raises(ConfigError, match="needs backbone=vit"):
+        load_recipe("detr_world", ["backbone_init=x", "backbone=efficientnet_lite0"])

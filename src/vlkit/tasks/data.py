@@ -203,3 +203,29 @@ def rescore_scenes(run, overrides, cls: type, split, evaluate) -> dict:
     cfg = eval_config(cls, run, overrides, SCENE_EVAL_OVERRIDABLE)
     model = load(run)
     return {"eval": {s: evaluate(model, split(cfg, s, False), cfg) for s in scene_eval_splits(cfg)}}
+
+
+def pretrained_vit(cfg):
+    """(recipe, weights) for a scene recipe whose ViT starts from ``cfg.backbone_init`` (a vlkit ViT
+    classifier run, or a CLIP run's image tower): ``cfg.vit`` becomes that ViT's configuration without a
+    head, so the saved detector or segmenter rebuilds without the pretrained run; the weights are for
+    its encoder (``load_state_dict_strict``). Without ``backbone_init``: (cfg, None)."""
+    if not cfg.backbone_init:
+        return cfg, None
+    from dataclasses import replace
+
+    from vlkit.checkpoints.hub import load
+    from vlkit.encoders.vit import VisionTransformer
+
+    model = load(cfg.backbone_init)
+    encoder = getattr(model, "visual", model)
+    if not isinstance(encoder, VisionTransformer) or encoder.cfg.embed != "patch":
+        raise ConfigError("backbone_init", f"{cfg.backbone_init} is neither a ViT classifier nor a CLIP model with "
+                                           f"a ViT image tower (found {type(encoder).__name__})")
+    vit = replace(encoder.cfg, num_classes=0)
+    if vit.image_size != cfg.world.image_size:
+        raise ConfigError("backbone_init", f"its ViT reads {vit.image_size} px images, the recipe "
+                                           f"{cfg.world.image_size} px")
+    state = {k: v for k, v in encoder.state_dict().items() if not k.startswith(("head.", "head_dist."))}
+    log.info("backbone from %s: ViT d %d x %d, patch %d", cfg.backbone_init, vit.embed_dim, vit.depth, vit.patch_size)
+    return replace(cfg, vit=vit), state

@@ -27,7 +27,8 @@ from vlkit.encoders.vit import ViTConfig, VisionTransformer
 from vlkit.eval.detection import coco_map
 from vlkit.losses.set_criterion import HungarianMatcher, SetCriterion
 from vlkit.models.detr import DETR, DETRConfig, FeatureMap, postprocess
-from vlkit.tasks.data import rescore_scenes, scene_eval_splits, scene_split
+from vlkit.checkpoints.io import load_state_dict_strict
+from vlkit.tasks.data import pretrained_vit, rescore_scenes, scene_eval_splits, scene_split
 from vlkit.train import TrainConfig, Trainer
 from vlkit.train.distributed import is_main
 
@@ -42,6 +43,7 @@ class DetectionConfig:
     name: str = "detr_world"
     output_dir: str = "runs"
     backbone: Literal["vit", "efficientnet_lite0"] = "vit"  # scratch ViT, or the ImageNet convnet
+    backbone_init: str = ""  # a ViT classifier / CLIP run whose image encoder starts the ViT backbone
     vit: ViTConfig = field(default_factory=lambda: ViTConfig(image_size=64, patch_size=8, num_classes=0,
                                                              embed_dim=128, depth=4, num_heads=4))
     detr: DETRConfig = field(default_factory=DETRConfig)
@@ -71,6 +73,8 @@ class DetectionConfig:
         if self.transform.image_size != self.world.image_size:
             raise ConfigError("transform.image_size", f"{self.transform.image_size} != world.image_size "
                                                       f"{self.world.image_size}")
+        if self.backbone_init and self.backbone != "vit":
+            raise ConfigError("backbone_init", "starts a ViT backbone: needs backbone=vit")
         if self.backbone == "vit" and self.vit.image_size != self.world.image_size:
             raise ConfigError("vit.image_size", f"{self.vit.image_size} != world.image_size {self.world.image_size}")
         if self.detr.num_queries < self.world.max_objects:
@@ -137,10 +141,13 @@ def train(cfg: DetectionConfig, run_dir: str | Path | None = None, resume: bool 
     """Train and evaluate; returns ``{"run_dir", "summary", "eval"}`` (eval on the main process)."""
     run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name)
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg, backbone_state = pretrained_vit(cfg)
     if is_main():
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     torch.manual_seed(cfg.train.seed)
     model = build_detr(cfg)
+    if backbone_state is not None:
+        load_state_dict_strict(model.backbone.encoder, backbone_state, source=cfg.backbone_init)
     val = _split(cfg, "val", train=False) if scene_eval_splits(cfg) else None
     train_data = _split(cfg, "train", train=True)
     trainer = Trainer(model, objective_fn(build_criterion(cfg)), train_data, cfg.train,

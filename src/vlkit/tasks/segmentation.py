@@ -22,7 +22,8 @@ from vlkit.data.world import WorldConfig
 from vlkit.encoders.vit import ViTConfig, VisionTransformer
 from vlkit.eval.segmentation import ConfusionMatrix
 from vlkit.models.segmenter import LinearDecoder, MaskTransformer, Segmenter
-from vlkit.tasks.data import rescore_scenes, scene_eval_splits, scene_split
+from vlkit.checkpoints.io import load_state_dict_strict
+from vlkit.tasks.data import pretrained_vit, rescore_scenes, scene_eval_splits, scene_split
 from vlkit.train import TrainConfig, Trainer
 from vlkit.train.distributed import is_main
 
@@ -36,6 +37,7 @@ class SegmentationConfig:
     output_dir: str = "runs"
     vit: ViTConfig = field(default_factory=lambda: ViTConfig(image_size=64, patch_size=4, num_classes=0,
                                                              embed_dim=128, depth=4, num_heads=4))
+    backbone_init: str = ""  # a ViT classifier / CLIP run whose image encoder starts the encoder
     decoder: Literal["mask", "linear"] = "mask"
     decoder_depth: int = 2  # mask transformer layers
     decoder_dim: int = 128
@@ -114,13 +116,17 @@ def _split(cfg: SegmentationConfig, name: str, train: bool) -> TransformedDatase
 def train(cfg: SegmentationConfig, run_dir: str | Path | None = None, resume: bool = False) -> dict:
     run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name)
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg, encoder_state = pretrained_vit(cfg)
     if is_main():
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     torch.manual_seed(cfg.train.seed)
+    model = build_segmenter(cfg)
+    if encoder_state is not None:
+        load_state_dict_strict(model.encoder, encoder_state, source=cfg.backbone_init)
     val = _split(cfg, "val", train=False) if scene_eval_splits(cfg) else None
     eval_fn = (lambda m: {k: v for k, v in evaluate(m, val, cfg).items() if not k.startswith("iou_")}) \
         if val is not None else None
-    trainer = Trainer(build_segmenter(cfg), objective, _split(cfg, "train", train=True), cfg.train, run_dir,
+    trainer = Trainer(model, objective, _split(cfg, "train", train=True), cfg.train, run_dir,
                       eval_fn=eval_fn)
     summary = trainer.fit(resume=resume)
     model = trainer.final_model()
