@@ -8,7 +8,7 @@ pretrained on the world's classification task (as DETR starts from an ImageNet R
 Every row trains ``configs/detr_world.yaml`` for ``--steps`` optimizer steps of 32 scenes (same seed,
 same data order), evaluating val AP every ``--eval-every`` steps, then the test and compositional
 splits. Rows: ``vanilla`` (learned queries), ``anchor`` (DAB-DETR), ``dn`` (anchor + 5 denoising
-groups), and ``pre_<row>``: the same with the ViT backbone first trained on the world's
+groups), ``dn_focal`` (+ sigmoid classes and the focal loss, class cost and weight 2), and ``pre_<row>``: the same with the ViT backbone first trained on the world's
 classification (``vlkit train vit_world`` at the detector's backbone size, ``--pretrain-epochs``,
 trained once into ``<out>/vit_world_d4`` and reused), fine-tuned at a tenth of the lr as in DETR.
 Writes ``results.md`` (table) and ``convergence.png`` (val AP50 against steps) into ``--out``; a row
@@ -34,10 +34,11 @@ ROWS = {
     "vanilla": [],
     "anchor": ["detr.queries=anchor"],
     "dn": ["detr.queries=anchor", "detr.dn_groups=5"],
+    "dn_focal": ["detr.queries=anchor", "detr.dn_groups=5", "detr.focal=true", "cost_class=2"],
 }
 FINETUNE = "train.param_groups=[{pattern: '^backbone\\.', lr_scale: 0.1}]"
 LABELS = {"vanilla": "DETR (learned queries)", "anchor": "DAB-DETR anchor queries",
-          "dn": "anchor + DN denoising (5 groups)"}
+          "dn": "anchor + DN denoising (5 groups)", "dn_focal": "anchor + DN + focal loss"}
 
 
 def pretrained_backbone(args) -> Path:

@@ -137,3 +137,22 @@ def test_query_options_are_checked():
         DETRConfig(dn_groups=2)
     with pytest.raises(ValueError, match="'learned' or 'anchor'"):
         DETRConfig(queries="boxes")
+
+
+def test_focal_detr_has_no_no_object_logit_starts_at_the_prior_and_trains():
+    model = tiny_detr(queries="anchor", dn_groups=2, focal=True)
+    out = model(torch.randn(2, 3, 32, 32), targets=TARGETS)
+    assert out["logits"].shape == (2, 5, 3) and torch.allclose(model.class_embed.bias.sigmoid(), torch.tensor(0.01))
+    assert out["logits"].sigmoid().max() < 0.1  # every query starts unsure of every class
+    det = postprocess(out, torch.tensor([[32, 32]] * 2), threshold=0.0, focal=True)[0]
+    assert torch.allclose(det["scores"], out["logits"][0].sigmoid().max(-1).values)
+    crit = SetCriterion(3, HungarianMatcher(2.0, 5.0, 2.0, focal=True), weight_ce=2.0)
+    images = torch.randn(2, 3, 32, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    first = crit(model(images), TARGETS)["loss"].item()
+    for _ in range(120):
+        loss = crit(model(images, targets=TARGETS), TARGETS)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert crit(model(images), TARGETS)["loss"].item() < 0.25 * first

@@ -83,3 +83,28 @@ def test_set_criterion_losses_and_gradients():
     assert out["loss_bbox"] < 1e-6 and out["loss_giou"] < 1e-6 and out["loss_ce"] < 1e-3
     empty = crit(perfect, [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}])
     assert torch.isfinite(empty["loss"]) and empty["loss_bbox"] == 0
+
+
+def test_focal_loss_values_matching_and_criterion():
+    from vlkit.losses.set_criterion import focal_class_cost, sigmoid_focal_loss
+
+    logits, targets = torch.tensor([2.0, -1.0, 0.0]), torch.tensor([1.0, 0.0, 1.0])
+    p = logits.sigmoid()
+    expected = torch.stack([0.25 * (1 - p[0]) ** 2 * -p[0].log(), 0.75 * p[1] ** 2 * -(1 - p[1]).log(),
+                            0.25 * (1 - p[2]) ** 2 * -p[2].log()])
+    assert torch.allclose(sigmoid_focal_loss(logits, targets), expected, atol=1e-6)
+    cost = focal_class_cost(torch.tensor([[3.0, -3.0]]))  # confident in class 0: cheap to label 0, dear to label 1
+    assert cost[0, 0] < 0 < cost[0, 1]
+    outputs, targets = outputs_and_targets()
+    outputs["logits"] = outputs["logits"][..., :-1].detach().requires_grad_(True)  # C logits, no "no object"
+    crit = SetCriterion(num_classes=4, matcher=HungarianMatcher(2.0, 5.0, 2.0, focal=True))
+    losses = crit(outputs, targets)
+    losses["loss"].backward()
+    assert outputs["logits"].grad.abs().sum() > 0 and crit.focal
+    perfect = {"logits": torch.full((1, 3, 4), -10.0), "boxes": torch.tensor([[[0.2, 0.2, 0.1, 0.1],
+                                                                              [0.5, 0.5, 0.2, 0.2],
+                                                                              [0.8, 0.8, 0.1, 0.1]]])}
+    perfect["logits"][0, 1, 2] = 10.0
+    t = [{"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    res = crit(perfect, t)
+    assert res["loss_ce"] < 1e-6 and res["loss_bbox"] < 1e-6 and res["class_error"] == 0

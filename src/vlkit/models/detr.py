@@ -50,6 +50,7 @@ class DETRConfig:
     dn_groups: int = 0  # DN-DETR denoising groups at training (0 = off; needs queries="anchor")
     dn_label_noise: float = 0.2  # probability that a denoising query's label is flipped to a random class
     dn_box_noise: float = 0.4  # box noise scale: centres move up to 0.4 * w / 2, sizes scale by 1 +- 0.4
+    focal: bool = False  # sigmoid classes and the focal loss (Deformable DETR), no "no object" logit
 
     def __post_init__(self):
         if self.queries not in ("learned", "anchor"):
@@ -185,7 +186,7 @@ class DETR(nn.Module):
             self.label_embed = nn.Embedding(cfg.num_classes + 1, d)  # content: a noised label, or C = unknown
             self.anchor_head = nn.Sequential(Linear(2 * d, d), nn.ReLU(), Linear(d, d))
             self.query_scale = nn.Sequential(Linear(d, d), nn.ReLU(), Linear(d, d))
-        self.class_embed = Linear(d, cfg.num_classes + 1)
+        self.class_embed = Linear(d, cfg.num_classes + (0 if cfg.focal else 1))
         self.bbox_embed = nn.Sequential(Linear(d, d), nn.ReLU(), Linear(d, d), nn.ReLU(), Linear(d, 4))
         self._init_weights()
 
@@ -193,6 +194,8 @@ class DETR(nn.Module):
         for name, p in self.named_parameters():
             if not name.startswith("backbone.") and p.dim() > 1:
                 nn.init.xavier_uniform_(p)  # as DETR's transformer
+        if self.cfg.focal:  # every class starts at probability 0.01 (RetinaNet's prior)
+            nn.init.constant_(self.class_embed.bias, -math.log(99))
         if self.cfg.queries == "learned":
             nn.init.normal_(self.query_embed.weight)
             return
@@ -301,11 +304,11 @@ class FeatureMap(nn.Module):
 
 
 @torch.no_grad()
-def postprocess(outputs: dict, sizes: torch.Tensor, threshold: float = 0.0) -> list[dict]:
+def postprocess(outputs: dict, sizes: torch.Tensor, threshold: float = 0.0, focal: bool = False) -> list[dict]:
     """Per image {"scores" (K,), "labels" (K,), "boxes" (K, 4) xyxy in pixels, clipped, "queries" (K,) the
     object queries they come from} of the predictions whose best real class scores above ``threshold``;
-    ``sizes`` (B, 2) = (height, width)."""
-    probs = outputs["logits"].softmax(-1)[..., :-1]
+    ``sizes`` (B, 2) = (height, width); ``focal``: the logits are per-class sigmoids (``DETRConfig.focal``)."""
+    probs = outputs["logits"].sigmoid() if focal else outputs["logits"].softmax(-1)[..., :-1]
     scores, labels = probs.max(-1)
     h, w = sizes.unbind(-1)
     scale = torch.stack([w, h, w, h], dim=-1)[:, None].to(outputs["boxes"])

@@ -53,7 +53,7 @@ def predict_dense(run: str | Path, images: Sequence[str | Path], out_dir: str | 
 def _detect(model, pixels: torch.Tensor, shown, classes: Sequence[str], threshold: float, target: Path,
             attention: bool) -> dict:
     out = model(pixels, return_attention=attention)
-    det = postprocess(out, torch.tensor([pixels.shape[-2:]]), threshold)[0]
+    det = postprocess(out, torch.tensor([pixels.shape[-2:]]), threshold, focal=model.cfg.focal)[0]
     labels, scores = det["labels"].tolist(), det["scores"].tolist()
     draw_boxes(shown, det["boxes"], labels, classes, scores).save(target)
     result = {"picture": str(target), "detections": [{"label": classes[lab], "score": s, "box": b, "query": int(q)}

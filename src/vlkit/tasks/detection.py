@@ -96,8 +96,8 @@ def build_detr(cfg: DetectionConfig) -> DETR:
 
 
 def build_criterion(cfg: DetectionConfig) -> SetCriterion:
-    matcher = HungarianMatcher(cfg.cost_class, cfg.cost_bbox, cfg.cost_giou)
-    return SetCriterion(cfg.detr.num_classes, matcher, cfg.eos_coef, 1.0, cfg.cost_bbox, cfg.cost_giou)
+    matcher = HungarianMatcher(cfg.cost_class, cfg.cost_bbox, cfg.cost_giou, focal=cfg.detr.focal)
+    return SetCriterion(cfg.detr.num_classes, matcher, cfg.eos_coef, cfg.cost_class, cfg.cost_bbox, cfg.cost_giou)
 
 
 def _targets(batch: dict, device) -> list[dict]:
@@ -122,7 +122,7 @@ def evaluate(model: DETR, dataset, cfg: DetectionConfig) -> dict:
             continue
         images = batch["image"].to(device)
         hw = torch.tensor([images.shape[-2:]] * len(images))
-        preds += [{k: v.cpu() for k, v in p.items()} for p in postprocess(model(images), hw)]
+        preds += [{k: v.cpu() for k, v in p.items()} for p in postprocess(model(images), hw, focal=model.cfg.focal)]
         targets += _targets(batch, "cpu")
         sizes += [tuple(images.shape[-2:])] * len(images)
     return coco_map(preds, targets, sizes, cfg.detr.num_classes)
