@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 import matplotlib
@@ -112,6 +113,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/detr")
     p.add_argument("overrides", nargs="*", help="overrides of configs/detr_world.yaml for every row")
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {name: run_row(name, args) for name in args.rows.split(",")}
