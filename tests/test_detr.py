@@ -1,7 +1,9 @@
-"""DETR: shapes, position encoding, auxiliary outputs, a tiny overfit whose loss must fall."""
+"""DETR: shapes, position encoding, auxiliary outputs, a tiny overfit whose loss must fall; anchor queries,
+denoising groups and the focal loss."""
 import pytest
 import torch
 
+from vlkit.config import ConfigError
 from vlkit.encoders.vit import ViTConfig, VisionTransformer
 from vlkit.losses.set_criterion import HungarianMatcher, SetCriterion
 from vlkit.models.detr import DETR, DETRConfig, FeatureMap, postprocess, sine_position_embedding
@@ -133,9 +135,9 @@ def test_denoising_losses_and_training():
 
 
 def test_query_options_are_checked():
-    with pytest.raises(ValueError, match="queries=anchor"):
+    with pytest.raises(ConfigError, match="queries=anchor"):
         DETRConfig(dn_groups=2)
-    with pytest.raises(ValueError, match="'learned' or 'anchor'"):
+    with pytest.raises(ConfigError, match="'learned' or 'anchor'"):
         DETRConfig(queries="boxes")
 
 

@@ -9,7 +9,7 @@ added to queries and keys at every attention layer (appendix A.3). Every decoder
 through the shared final norm and heads, is returned for the auxiliary losses (§3.2, "Auxiliary
 decoding losses"). The loss is :class:`vlkit.losses.set_criterion.SetCriterion`.
 
-Two remedies for DETR's slow convergence, both options of :class:`DETRConfig`:
+Remedies for DETR's slow convergence, options of :class:`DETRConfig`:
 
 - ``queries="anchor"`` (DAB-DETR, Liu et al. 2022): each query is a learned 4-d anchor box; its
   positional query is an MLP of the anchor's sine embedding (scaled by the content, as Conditional
@@ -20,6 +20,8 @@ Two remedies for DETR's slow convergence, both options of :class:`DETRConfig`:
   probability ``dn_label_noise``) are fed as extra queries that must reconstruct their box and class,
   without matching; an attention mask keeps them invisible to the matching queries and to each other's
   groups. Their outputs are returned as "dn_outputs" for the criterion.
+- ``focal=True`` (Deformable DETR, after RetinaNet): independent sigmoid classes trained with the focal
+  loss instead of a softmax with a down-weighted "no object" class.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlkit.config import ConfigError
 from vlkit.eval.boxes import cxcywh_to_xyxy
 from vlkit.nn.layers import Linear
 
@@ -54,11 +57,11 @@ class DETRConfig:
 
     def __post_init__(self):
         if self.queries not in ("learned", "anchor"):
-            raise ValueError(f"detr.queries must be 'learned' or 'anchor', not {self.queries!r}")
+            raise ConfigError("queries", f"must be 'learned' or 'anchor', not {self.queries!r}")
         if self.dn_groups < 0:
-            raise ValueError(f"detr.dn_groups must be >= 0, not {self.dn_groups}")
+            raise ConfigError("dn_groups", f"must be >= 0, not {self.dn_groups}")
         if self.dn_groups and self.queries != "anchor":
-            raise ValueError("detr.dn_groups needs detr.queries=anchor (denoising queries are noised boxes)")
+            raise ConfigError("dn_groups", "needs detr.queries=anchor (denoising queries are noised boxes)")
 
 
 def _sine(v: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -166,8 +169,8 @@ class DETR(nn.Module):
     also "cross_attention": per decoder layer the head-averaged attention of each object query over the
     feature map (B, N, h * w), and "grid": (h, w), to see where each query looks (DETR's figure 6).
     Training with ``dn_groups`` and ``targets`` ([{"labels", "boxes"}]) adds "dn_outputs" (per decoder
-    layer {"logits", "boxes"} of the denoising queries) and "dn_targets" ({"labels", "boxes", "valid"}
-    they must reconstruct).
+    layer {"logits", "boxes"} of the denoising queries) and "dn_targets" ({"labels", "true_boxes",
+    "valid"} they must reconstruct). With ``focal`` the logits are (B, N, C): no "no object" class.
 
     ``backbone(images)`` must return a feature map (B, C_b, h, w) (see :class:`FeatureMap`)."""
 
