@@ -130,7 +130,8 @@ def test_backbone_init_starts_detr_and_segmenter_from_a_vit_classifier(tmp_path)
     assert main(["train", "segmenter_world", *SEG_TINY, f"backbone_init={tmp_path / 'cls'}", "vit.patch_size=8",
                  "--run-dir", str(seg)]) == 0
     assert vlkit.load(seg).encoder.cfg.depth == 2
-    with pytest.raises(ConfigError, match="neither a ViT classifier"):
+    assert pretrained_vit(load_recipe("detr_world", [f"backbone_init={seg}"])[0])[0].vit.patch_size == 8  # a Segmenter
+    with pytest.raises(ConfigError, match="not a ViT classifier"):
         pretrained_vit(load_recipe("detr_world", [f"backbone_init={run}"])[0])
     with pytest.raises(ConfigError, match="needs backbone=vit"):
         load_recipe("detr_world", ["backbone_init=x", "backbone=efficientnet_lite0"])

@@ -207,7 +207,7 @@ def rescore_scenes(run, overrides, cls: type, split, evaluate) -> dict:
 
 def pretrained_vit(cfg):
     """(recipe, weights) for a scene recipe whose ViT starts from ``cfg.backbone_init`` (a vlkit ViT
-    classifier run, or a CLIP run's image tower): ``cfg.vit`` becomes that ViT's configuration without a
+    classifier run, a CLIP run's image tower or a Segmenter run's encoder): ``cfg.vit`` becomes that ViT's configuration without a
     head, so the saved detector or segmenter rebuilds without the pretrained run; the weights are for
     its encoder (``load_state_dict_strict``). Without ``backbone_init``: (cfg, None)."""
     if not cfg.backbone_init:
@@ -218,10 +218,10 @@ def pretrained_vit(cfg):
     from vlkit.encoders.vit import VisionTransformer
 
     model = load(cfg.backbone_init)
-    encoder = getattr(model, "visual", model)
+    encoder = getattr(model, "visual", getattr(model, "encoder", model))  # CLIP's tower, Segmenter's encoder
     if not isinstance(encoder, VisionTransformer) or encoder.cfg.embed != "patch":
-        raise ConfigError("backbone_init", f"{cfg.backbone_init} is neither a ViT classifier nor a CLIP model with "
-                                           f"a ViT image tower (found {type(encoder).__name__})")
+        raise ConfigError("backbone_init", f"{cfg.backbone_init} is not a ViT classifier, a CLIP model with a ViT "
+                                           f"image tower or a Segmenter (it holds a {type(model).__name__})")
     vit = replace(encoder.cfg, num_classes=0)
     if vit.image_size != cfg.world.image_size:
         raise ConfigError("backbone_init", f"its ViT reads {vit.image_size} px images, the recipe "

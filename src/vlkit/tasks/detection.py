@@ -43,7 +43,7 @@ class DetectionConfig:
     name: str = "detr_world"
     output_dir: str = "runs"
     backbone: Literal["vit", "efficientnet_lite0"] = "vit"  # scratch ViT, or the ImageNet convnet
-    backbone_init: str = ""  # a ViT classifier / CLIP run whose image encoder starts the ViT backbone
+    backbone_init: str = ""  # a ViT classifier / CLIP / Segmenter run whose ViT starts the ViT backbone
     vit: ViTConfig = field(default_factory=lambda: ViTConfig(image_size=64, patch_size=8, num_classes=0,
                                                              embed_dim=128, depth=4, num_heads=4))
     detr: DETRConfig = field(default_factory=DETRConfig)

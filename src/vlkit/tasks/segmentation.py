@@ -37,7 +37,7 @@ class SegmentationConfig:
     output_dir: str = "runs"
     vit: ViTConfig = field(default_factory=lambda: ViTConfig(image_size=64, patch_size=4, num_classes=0,
                                                              embed_dim=128, depth=4, num_heads=4))
-    backbone_init: str = ""  # a ViT classifier / CLIP run whose image encoder starts the encoder
+    backbone_init: str = ""  # a ViT classifier / CLIP / Segmenter run whose ViT starts the encoder
     decoder: Literal["mask", "linear"] = "mask"
     decoder_depth: int = 2  # mask transformer layers
     decoder_dim: int = 128
