@@ -31,6 +31,22 @@ def test_detr_world_trains_and_reports_ap(tmp_path):
         load_recipe("detr_world", ["detr.num_queries=2"])
 
 
+def test_denoising_recipe_with_focal_loss_trains_saves_and_predicts(tmp_path, capsys):
+    from PIL import Image
+
+    run = tmp_path / "dn"
+    assert main(["train", "detr_world_dn", *TINY, "detr.focal=true", "cost_class=2", "--run-dir", str(run)]) == 0
+    doc = json.loads((run / "eval.json").read_text())
+    assert any("loss_dn_giou" in json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+    model = vlkit.load(run)
+    assert model.cfg.focal and model(torch.randn(1, 3, 64, 64))["logits"].shape == (1, 10, 8)
+    assert main(["eval", str(run)]) == 0
+    assert json.loads((run / "eval-cli.json").read_text())["eval"] == doc["eval"]
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "scene.png")
+    assert main(["predict", str(run), str(tmp_path / "scene.png"), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "scene_detr.png").is_file()
+
+
 def test_coco_map_perfect_and_wrong_predictions():
     t = [{"labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.25, 0.25, 0.2, 0.2], [0.7, 0.7, 0.3, 0.2]])}]
     xyxy = torch.tensor([[9.6, 9.6, 22.4, 22.4], [35.2, 38.4, 54.4, 51.2]])
