@@ -81,6 +81,9 @@ def test_anchor_queries_start_at_their_anchors_and_refine_per_layer():
     for layer in [*out["aux_outputs"], out]:  # the box head starts at zero: every layer keeps the anchors
         assert torch.allclose(layer["boxes"], anchors.expand(2, -1, -1), atol=1e-5)
     assert ((anchors[:, :2] > 0.04) & (anchors[:, :2] < 0.96)).all() and "query_embed.weight" not in model.state_dict()
+    images = torch.randn(2, 3, 32, 32)
+    seen = model(images, return_attention=True)
+    assert torch.allclose(seen["boxes"], model(images)["boxes"], atol=1e-5) and len(seen["cross_attention"]) == 2
     with torch.no_grad():
         model.bbox_embed[-1].bias.copy_(torch.tensor([0.5, 0.0, 0.0, 0.0]))
     out = model(torch.randn(2, 3, 32, 32))  # each layer moves its input box by the same logit delta
