@@ -12,7 +12,8 @@ groups), ``dn_focal`` (+ sigmoid classes and the focal loss, class cost and weig
 classification (``vlkit train vit_world`` at the detector's backbone size, ``--pretrain-epochs``,
 trained once into ``<out>/vit_world_d4`` and reused), fine-tuned at a tenth of the lr as in DETR.
 Writes ``results.md`` (table) and ``convergence.png`` (val AP50 against steps) into ``--out``; a row
-whose ``eval.json`` exists is read back, so rows can run in separate processes and be summed up after.
+whose ``eval.json`` exists is read back, so rows can run in separate processes and be summed up after;
+``--also RUN=LABEL`` adds finished runs trained otherwise (e.g. another lr, more steps).
 """
 from __future__ import annotations
 
@@ -76,6 +77,8 @@ def val_curve(run_dir: Path) -> tuple[list, list]:
 
 
 def label(name: str) -> str:
+    if name not in LABELS and name.removeprefix("pre_") not in LABELS:
+        return name  # a finished run added with --also
     base = LABELS[name.removeprefix("pre_")]
     return f"{base}, pretrained backbone" if name.startswith("pre_") else base
 
@@ -84,7 +87,7 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in results.items():
         steps, ap50 = r["curve"]
-        ax.plot(steps, ap50, "o-" if name.startswith("pre_") else "s--", label=label(name))
+        ax.plot(steps, ap50, "s--" if name == "vanilla" else "o-", label=label(name))
     ax.set_xlabel("optimizer step (32 scenes each)")
     ax.set_ylabel("val AP50 (%)")
     ax.set_title("DETR on the synthetic world: convergence")
@@ -111,12 +114,17 @@ def main() -> None:
     p.add_argument("--pretrain-epochs", type=int, default=3, help="epochs of vit_world for the pre_ rows")
     p.add_argument("--rows", default="vanilla,anchor,dn,pre_vanilla,pre_dn")
     p.add_argument("--out", default="runs/detr")
+    p.add_argument("--also", action="append", default=[], metavar="RUN=LABEL",
+                   help="a finished detection run to show too (e.g. one trained with other overrides)")
     p.add_argument("overrides", nargs="*", help="overrides of configs/detr_world.yaml for every row")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {name: run_row(name, args) for name in args.rows.split(",")}
+    results = {name: run_row(name, args) for name in args.rows.split(",") if name}
+    for entry in args.also:
+        run, _, name = entry.partition("=")
+        results[name or run] = {**json.loads((Path(run) / "eval.json").read_text()), "curve": val_curve(Path(run))}
     (out / "results.md").write_text(table(results) + "\n")
     plot(results, out / "convergence.png")
     print(table(results))

@@ -116,7 +116,7 @@ def test_denoising_queries_are_invisible_to_matching_queries_and_to_other_groups
     assert "dn_outputs" not in model.eval()(images, targets=TARGETS)  # evaluation never denoises
 
 
-def test_denoising_losses_and_training():
+def test_denoising_losses():
     model = tiny_detr(queries="anchor", dn_groups=2)
     crit = SetCriterion(3, HungarianMatcher())
     losses = crit(model(torch.randn(2, 3, 32, 32), targets=TARGETS), TARGETS)
@@ -126,15 +126,8 @@ def test_denoising_losses_and_training():
     dn = {"labels": TARGETS[0]["labels"][None], "true_boxes": TARGETS[0]["boxes"][None],
           "valid": torch.ones(1, 2, dtype=torch.bool)}
     assert all(v.item() < 1e-6 for v in crit.denoising(perfect, dn).values())
-    images = torch.randn(2, 3, 32, 32)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    first = crit(model(images), TARGETS)["loss"].item()  # the set loss of the matching queries alone
-    for _ in range(120):
-        loss = crit(model(images, targets=TARGETS), TARGETS)["loss"]  # with the noised queries' losses
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert crit(model(images), TARGETS)["loss"].item() < 0.25 * first
+    losses["loss"].backward()  # the denoising losses reach the label embedding (training: see the focal test)
+    assert model.label_embed.weight.grad[:3].abs().sum() > 0
 
 
 def test_query_options_are_checked():
@@ -144,7 +137,7 @@ def test_query_options_are_checked():
         DETRConfig(queries="boxes")
 
 
-def test_focal_detr_has_no_no_object_logit_starts_at_the_prior_and_trains():
+def test_focal_detr_with_denoising_starts_at_the_prior_and_trains():
     model = tiny_detr(queries="anchor", dn_groups=2, focal=True)
     out = model(torch.randn(2, 3, 32, 32), targets=TARGETS)
     assert out["logits"].shape == (2, 5, 3) and torch.allclose(model.class_embed.bias.sigmoid(), torch.tensor(0.01))
@@ -154,9 +147,9 @@ def test_focal_detr_has_no_no_object_logit_starts_at_the_prior_and_trains():
     crit = SetCriterion(3, HungarianMatcher(2.0, 5.0, 2.0, focal=True), weight_ce=2.0)
     images = torch.randn(2, 3, 32, 32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    first = crit(model(images), TARGETS)["loss"].item()
+    first = crit(model(images), TARGETS)["loss"].item()  # the set loss of the matching queries alone
     for _ in range(120):
-        loss = crit(model(images, targets=TARGETS), TARGETS)["loss"]
+        loss = crit(model(images, targets=TARGETS), TARGETS)["loss"]  # with the noised queries' losses
         opt.zero_grad()
         loss.backward()
         opt.step()
