@@ -8,9 +8,10 @@ pretrained on the world's classification task (as DETR starts from an ImageNet R
 Every row trains ``configs/detr_world.yaml`` for ``--steps`` optimizer steps of 32 scenes (same seed,
 same data order), evaluating val AP every ``--eval-every`` steps, then the test and compositional
 splits. Rows: ``vanilla`` (learned queries), ``anchor`` (DAB-DETR), ``dn`` (anchor + 5 denoising
-groups), ``dn_focal`` (+ sigmoid classes and the focal loss, class cost and weight 2), and ``pre_<row>``: the same with the ViT backbone first trained on the world's
-classification (``vlkit train vit_world`` at the detector's backbone size, ``--pretrain-epochs``,
-trained once into ``<out>/vit_world_d4`` and reused), fine-tuned at a tenth of the lr as in DETR.
+groups), ``dn_focal`` (+ sigmoid classes and the focal loss, class cost and weight 2), and
+``pre_<row>``: the same with the ViT backbone first trained on the world's classification (``vlkit
+train vit_world`` at the detector's backbone size, ``--pretrain-epochs``, trained once into
+``<out>/vit_world_d4`` and reused), fine-tuned at a tenth of the lr as in DETR.
 Writes ``results.md`` (table) and ``convergence.png`` (val AP50 against steps) into ``--out``; a row
 whose ``eval.json`` exists is read back, so rows can run in separate processes and be summed up after;
 ``--also RUN=LABEL`` adds finished runs trained otherwise (e.g. another lr, more steps).

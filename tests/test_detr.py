@@ -109,10 +109,20 @@ def test_denoising_queries_are_invisible_to_matching_queries_and_to_other_groups
     mask = model._denoising_queries(TARGETS, 2)["mask"]
     assert mask.shape == (2, 11, 11) and mask[:, 6:, :6].all() and not mask[:, :, 6:].any()
     assert not mask[0, 0, 1] and mask[0, 0, 2] and mask[1, 0, 1] and not mask[1, 1, 1]  # padding sees itself
-    # a group's outputs do not change when another group's noise does
-    torch.manual_seed(2)
-    other = model(images, targets=TARGETS)
-    assert not torch.allclose(other["dn_outputs"][-1]["boxes"], with_dn["dn_outputs"][-1]["boxes"])
+    # a group's outputs (and the matching queries') do not change when another group's content does
+    dn = model._denoising_queries(TARGETS, 2)
+    changed = {**dn, "content": dn["content"].clone()}
+    changed["content"][:, 2:4] += 1.0  # group 1 (P = 2 queries per group)
+    outs = []
+    for queries in (dn, changed):
+        model._denoising_queries = lambda targets, B, q=queries: q  # noqa: E731
+        outs.append(model(images, targets=TARGETS))
+    del model._denoising_queries
+    first, second = (o["dn_outputs"][-1]["logits"] for o in outs)  # (boxes start as the inputs: zero box head)
+    assert torch.allclose(first[:, :2], second[:, :2], atol=1e-5) and torch.allclose(first[:, 4:], second[:, 4:],
+                                                                                     atol=1e-5)
+    assert not torch.allclose(first[:, 2:4], second[:, 2:4])
+    assert torch.allclose(outs[0]["logits"], outs[1]["logits"], atol=1e-5)  # the matching queries
     assert "dn_outputs" not in model.eval()(images, targets=TARGETS)  # evaluation never denoises
 
 
@@ -133,6 +143,10 @@ def test_denoising_losses():
 def test_query_options_are_checked():
     with pytest.raises(ConfigError, match="queries=anchor"):
         DETRConfig(dn_groups=2)
+    with pytest.raises(ConfigError, match="2 decoder layers"):
+        DETRConfig(queries="anchor", dec_layers=1)
+    with pytest.raises(ConfigError, match="dn_label_noise"):
+        DETRConfig(queries="anchor", dn_groups=1, dn_label_noise=1.5)
     with pytest.raises(ConfigError, match="'learned' or 'anchor'"):
         DETRConfig(queries="boxes")
 

@@ -4,9 +4,10 @@ cross-entropy over all N predictions (unmatched ones must say "no object", down-
 ``eos_coef``), L1 and 1 - GIoU on the matched boxes, each averaged over the number of targets; the
 same on every auxiliary decoder layer's output. With DN-DETR's denoising queries ("dn_outputs" and
 "dn_targets" in the outputs) also their reconstruction losses, without matching: cross-entropy to the
-true class, L1 and 1 - GIoU to the true box ("loss_dn_ce", "loss_dn_bbox", "loss_dn_giou", per layer). With ``focal`` (Deformable DETR) the classes are independent sigmoids
-without a "no object" logit: the focal loss (alpha 0.25, gamma 2) summed over queries and classes per
-target box, and its matching cost; unmatched queries must score every class low.
+true class, L1 and 1 - GIoU to the true box ("loss_dn_ce", "loss_dn_bbox", "loss_dn_giou", per
+layer). With ``focal`` (Deformable DETR) the classes are independent sigmoids without a "no object"
+logit: the focal loss (alpha 0.25, gamma 2) summed over queries and classes per target box, and its
+matching cost; unmatched queries must score every class low.
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ def focal_class_cost(logits: torch.Tensor, alpha: float = 0.25, gamma: float = 2
 
 
 class HungarianMatcher(nn.Module):
-    """forward(outputs {"logits" (B, N, C+1), "boxes" (B, N, 4) cxcywh in [0, 1]}, targets [{"labels" (M_b,),
-    "boxes" (M_b, 4) cxcywh}]) -> per image (prediction indices, target indices), both (min(N, M_b),) long."""
+    """forward(outputs {"logits" (B, N, C+1) (C with ``focal``), "boxes" (B, N, 4) cxcywh in [0, 1]},
+    targets [{"labels" (M_b,), "boxes" (M_b, 4) cxcywh}]) -> per image (prediction indices, target
+    indices), both (min(N, M_b),) long."""
 
     def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0, focal: bool = False):
         super().__init__()

@@ -62,6 +62,11 @@ class DETRConfig:
             raise ConfigError("dn_groups", f"must be >= 0, not {self.dn_groups}")
         if self.dn_groups and self.queries != "anchor":
             raise ConfigError("dn_groups", "needs detr.queries=anchor (denoising queries are noised boxes)")
+        if self.queries == "anchor" and self.dec_layers < 2:
+            raise ConfigError("dec_layers", "anchor queries refine boxes layer by layer: need >= 2 decoder layers")
+        if not 0 <= self.dn_label_noise <= 1 or self.dn_box_noise < 0:
+            raise ConfigError("dn_label_noise", f"need 0 <= dn_label_noise <= 1 and dn_box_noise >= 0, got "
+                                                f"{self.dn_label_noise}, {self.dn_box_noise}")
 
 
 def _sine(v: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -85,8 +90,8 @@ def sine_position_embedding(mask: torch.Tensor, dim: int, temperature: float = 1
 
 def box_sine_embedding(boxes: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
     """DAB-DETR's embedding of boxes (..., 4) cxcywh in [0, 1] -> (..., 2 * dim): y, x, w, h each on dim / 2
-    channels, in the same frequencies as :func:`sine_position_embedding` so anchors and feature cells
-    share one positional language."""
+    channels, in the frequencies of :func:`sine_position_embedding` (whose cell i sits at (i + 1) / h, half
+    a cell from a box centred on it: the anchor MLP learns the offset)."""
     v = boxes * (2 * math.pi)
     return torch.cat([_sine(v[..., i], dim // 2, temperature) for i in (1, 0, 2, 3)], dim=-1)
 
@@ -232,7 +237,8 @@ class DETR(nn.Module):
         out = {}
         if dn is not None:  # the denoising queries come first
             n = dn["labels"].shape[1]
-            out["dn_outputs"] = [{k: v[:, :n] for k, v in p.items()} for p in preds]
+            layers = preds if self.cfg.aux_loss else preds[-1:]
+            out["dn_outputs"] = [{k: v[:, :n] for k, v in p.items()} for p in layers]
             out["dn_targets"] = {k: dn[k] for k in ("labels", "true_boxes", "valid")}
             preds = [{k: v[:, n:] for k, v in p.items()} for p in preds]
         out.update(preds[-1], aux_outputs=preds[:-1] if self.cfg.aux_loss else [])
@@ -260,7 +266,8 @@ class DETR(nn.Module):
     def _denoising_queries(self, targets: list[dict], B: int) -> Optional[dict]:
         """DN-DETR's queries: ``dn_groups`` noised copies of every image's ground truth, padded to the most
         objects of the batch -> {"content" (B, n, d), "boxes" (B, n, 4) noised, "labels" / "true_boxes" /
-        "valid" (B, n) to reconstruct, "mask" (B, n + Q, n + Q) True = may not attend}."""
+        "valid" (B, n) to reconstruct, "mask" (B, n + Q, n + Q) True = may not attend (the opposite of SDPA's
+        boolean masks; :class:`QKVAttention` inverts it)}."""
         cfg, device = self.cfg, self.anchors.weight.device
         P, G, C = max(len(t["labels"]) for t in targets), cfg.dn_groups, cfg.num_classes
         if P == 0:
@@ -283,7 +290,8 @@ class DETR(nn.Module):
         blocked[:n, :n] = group[:, None] != group[None, :]  # nor a group another group
         mask = blocked[None].repeat(B, 1, 1)
         mask[:, :, :n] |= ~valid[:, None, :]  # padding is seen by no one but itself
-        mask[:, torch.arange(n), torch.arange(n)] = False
+        diag = torch.arange(n, device=device)
+        mask[:, diag, diag] = False
         return {"content": self.label_embed(noised_labels), "boxes": noised, "labels": labels,
                 "true_boxes": boxes, "valid": valid, "mask": mask}
 

@@ -207,9 +207,10 @@ def rescore_scenes(run, overrides, cls: type, split, evaluate) -> dict:
 
 def pretrained_vit(cfg):
     """(recipe, weights) for a scene recipe whose ViT starts from ``cfg.backbone_init`` (a vlkit ViT
-    classifier run, a CLIP run's image tower or a Segmenter run's encoder): ``cfg.vit`` becomes that ViT's configuration without a
-    head, so the saved detector or segmenter rebuilds without the pretrained run; the weights are for
-    its encoder (``load_state_dict_strict``). Without ``backbone_init``: (cfg, None)."""
+    classifier run, a CLIP run's image tower or a Segmenter run's encoder): ``cfg.vit`` becomes that
+    ViT's configuration without a head (``vit.*`` overrides are replaced, its regularisation kept), so
+    the saved detector or segmenter rebuilds without the pretrained run; the weights are for its
+    encoder (``load_state_dict_strict``). Without ``backbone_init``: (cfg, None)."""
     if not cfg.backbone_init:
         return cfg, None
     from dataclasses import replace

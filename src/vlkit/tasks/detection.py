@@ -56,7 +56,7 @@ class DetectionConfig:
     coco_val: str = ""
     image_root: str = ""
     eos_coef: float = 0.1  # weight of the "no object" class
-    cost_class: float = 1.0
+    cost_class: float = 1.0  # matching cost and loss weight of the classes (Deformable DETR: 2 with focal)
     cost_bbox: float = 5.0
     cost_giou: float = 2.0
     eval_limit: int = 200  # scenes of each evaluated split
