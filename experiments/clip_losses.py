@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from vlkit.cli import load_recipe  # noqa: E402
 from vlkit.tasks import contrastive  # noqa: E402
 from vlkit.tasks.report import markdown_table  # noqa: E402
+from vlkit.viz.grid import save_figure  # noqa: E402
 
 TEMPERATURES = (0.01, 0.03, 0.07, 0.1, 0.2, 0.5, 1.0)
 LOSS_ROWS = {
@@ -77,9 +78,7 @@ def temperature_plot(results: dict, path: Path) -> None:
     ax.set_title("CLIP on the synthetic world: temperature sensitivity")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def tables(results: dict, steps: int) -> str:

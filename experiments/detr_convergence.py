@@ -32,6 +32,7 @@ from vlkit.cli import load_recipe  # noqa: E402
 from vlkit.tasks import classification, detection  # noqa: E402
 from vlkit.tasks.report import markdown_table  # noqa: E402
 from vlkit.viz.curves import read_metrics  # noqa: E402
+from vlkit.viz.grid import save_figure  # noqa: E402
 
 ROWS = {
     "vanilla": [],
@@ -94,9 +95,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_title("DETR on the synthetic world: convergence")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def table(results: dict) -> str:

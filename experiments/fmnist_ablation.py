@@ -23,6 +23,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from vlkit.viz.grid import save_figure  # noqa: E402
+
 MIXUP = ["mixup.mixup_alpha=0.8", "mixup.cutmix_alpha=1.0"]
 ROWS = {
     "vit": ("vit_fmnist", []),
@@ -105,9 +107,7 @@ def plot(rows: list[dict], path: Path) -> None:
     b.set_xlabel("training minutes")
     b.set_ylabel("val top-1 %")
     b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main() -> None:

@@ -93,15 +93,19 @@ class SetCriterion(nn.Module):
         loss_ce = self._classes_loss(logits, classes, num_boxes)
         src_boxes = outputs["boxes"][batch_idx, src_idx]
         tgt_boxes = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, indices)]).to(src_boxes)
-        loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
-        giou = generalized_box_iou(cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(tgt_boxes)).diag() \
-            if len(src_boxes) else src_boxes.new_zeros(0)
-        loss_giou = (1 - giou).sum() / num_boxes
-        out = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+        out = {"loss_ce": loss_ce, **self._box_losses(src_boxes, tgt_boxes, num_boxes)}
         if len(src_idx):
             correct = logits[batch_idx, src_idx].argmax(-1) == matched_labels
             out["class_error"] = 100 * (1 - correct.float().mean())
         return out
+
+    @staticmethod
+    def _box_losses(src_boxes: torch.Tensor, tgt_boxes: torch.Tensor, num_boxes: float) -> dict:
+        """L1 and 1 - GIoU of paired boxes (K, 4) cxcywh, summed and divided by ``num_boxes``."""
+        giou = generalized_box_iou(cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(tgt_boxes)).diag() \
+            if len(src_boxes) else src_boxes.new_zeros(0)
+        return {"loss_bbox": F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes,
+                "loss_giou": (1 - giou).sum() / num_boxes}
 
     def _classes_loss(self, logits: torch.Tensor, classes: torch.Tensor, num_boxes: float) -> torch.Tensor:
         """logits (..., C+1) or (..., C) with focal, classes (...) in [0, C] (C = no object)."""
@@ -114,11 +118,9 @@ class SetCriterion(nn.Module):
         """The three reconstruction losses of one layer's denoising queries (``dn`` from the model)."""
         valid = dn["valid"]
         num = max(1.0, float(valid.sum()))
-        src_boxes, tgt_boxes = outputs["boxes"][valid], dn["true_boxes"][valid]
-        giou = generalized_box_iou(cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(tgt_boxes)).diag()
+        boxes = self._box_losses(outputs["boxes"][valid], dn["true_boxes"][valid], num)
         return {"loss_dn_ce": self._classes_loss(outputs["logits"][valid], dn["labels"][valid], num),
-                "loss_dn_bbox": F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num,
-                "loss_dn_giou": (1 - giou).sum() / num}
+                "loss_dn_bbox": boxes["loss_bbox"], "loss_dn_giou": boxes["loss_giou"]}
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict:
         num_boxes = max(1.0, float(sum(len(t["labels"]) for t in targets)))

@@ -19,6 +19,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
+from vlkit.checkpoints.io import load_state_dict_strict
 from vlkit.config import ConfigError, to_dict
 from vlkit.data.base import TransformedDataset, collate
 from vlkit.data.transforms import TransformConfig
@@ -27,7 +28,6 @@ from vlkit.encoders.vit import ViTConfig, VisionTransformer
 from vlkit.eval.detection import coco_map
 from vlkit.losses.set_criterion import HungarianMatcher, SetCriterion
 from vlkit.models.detr import DETR, DETRConfig, FeatureMap, postprocess
-from vlkit.checkpoints.io import load_state_dict_strict
 from vlkit.tasks.data import pretrained_vit, rescore_scenes, scene_eval_splits, scene_split
 from vlkit.train import TrainConfig, Trainer
 from vlkit.train.distributed import is_main

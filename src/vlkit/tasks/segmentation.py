@@ -15,6 +15,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
+from vlkit.checkpoints.io import load_state_dict_strict
 from vlkit.config import ConfigError, to_dict
 from vlkit.data.base import TransformedDataset, collate
 from vlkit.data.transforms import TransformConfig
@@ -22,7 +23,6 @@ from vlkit.data.world import WorldConfig
 from vlkit.encoders.vit import ViTConfig, VisionTransformer
 from vlkit.eval.segmentation import ConfusionMatrix
 from vlkit.models.segmenter import LinearDecoder, MaskTransformer, Segmenter
-from vlkit.checkpoints.io import load_state_dict_strict
 from vlkit.tasks.data import pretrained_vit, rescore_scenes, scene_eval_splits, scene_split
 from vlkit.train import TrainConfig, Trainer
 from vlkit.train.distributed import is_main
