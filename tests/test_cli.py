@@ -102,7 +102,9 @@ def test_quickstart_all_adds_the_dense_stages(tmp_path):
         assert (tmp_path / "qs" / link).is_file(), link
 
 
-def test_eval_of_a_continual_run_points_to_its_eval_json(tmp_path):
-    (tmp_path / "config.yaml").write_text("task: continual\n")
-    with pytest.raises(SystemExit, match="evaluated at the end of training"):
-        main(["eval", str(tmp_path)])
+def test_eval_names_a_folder_that_is_no_run_and_an_unknown_task(tmp_path, capsys):
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("task: painting\n")
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "unknown task 'painting'" in capsys.readouterr().err

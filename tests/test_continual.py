@@ -1,5 +1,6 @@
 """DyTox and the class-incremental protocol on tiny sizes: expansion freezes old tokens and heads,
-metrics from the accuracy matrix, a killed protocol resumes, the three methods run."""
+metrics from the accuracy matrix, a killed protocol resumes, the three methods run, the final model
+is saved for vlkit.load / predict, vlkit eval rebuilds the matrix."""
 import json
 
 import pytest
@@ -58,3 +59,47 @@ def test_killed_protocol_resumes_from_the_last_finished_task(tmp_path):
     (run / "eval.json").unlink()
     assert main(["train", "dytox_fmnist", *TINY, "--run-dir", str(run), "--resume"]) == 0
     assert json.loads((run / "eval.json").read_text())["matrix"] == full
+
+
+def test_saved_model_loads_predicts_and_eval_rebuilds_the_matrix(tmp_path, capsys):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    import vlkit
+    from vlkit.models.dytox import DyToxConfig, build_dytox
+
+    run = tmp_path / "dytox"
+    assert main(["train", "dytox_fmnist", *TINY, "--run-dir", str(run)]) == 0
+    doc = json.loads((run / "eval.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0  # every task's saved model scored again: the same matrix
+    out = capsys.readouterr().out
+    again = json.loads((run / "eval-cli.json").read_text())
+    assert again["matrix"] == doc["matrix"] and again["eval"] == doc["eval"]
+    assert "avg_incremental_acc" in out and "after task 4:" in out
+    model = vlkit.load(run)  # the final model: 4 tasks of 2 classes, the last task's weights
+    assert model.classes_per_task == [2, 2, 2, 2]
+    last = build_dytox(DyToxConfig(model.encoder.cfg, 2, [2, 2, 2, 2]))
+    last.load_state_dict(load_file(str(run / "task3" / "state" / "model.safetensors")))
+    x = torch.randn(2, 3, 28, 28)
+    torch.testing.assert_close(model(x)["logits"], last.eval()(x)["logits"], rtol=0, atol=0)
+    Image.new("RGB", (28, 28), (200, 10, 10)).save(tmp_path / "red.png")
+    assert main(["predict", str(run), str(tmp_path / "red.png"), "--top-k", "8"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(str(tmp_path / "red.png")) and line.count(",") == 7  # the world's 8 classes ranked
+    assert main(["eval", str(run), "vit.depth=3"]) == 2  # the model is the saved one
+    import shutil
+
+    shutil.rmtree(run / "task2")
+    assert main(["eval", str(run)]) == 2
+    assert "before task 2 finished" in capsys.readouterr().err
+
+
+def test_dytox_config_is_checked():
+    from vlkit.config import ConfigError, from_dict
+    from vlkit.models.dytox import DyToxConfig
+
+    with pytest.raises(ConfigError, match="classes_per_task"):
+        from_dict(DyToxConfig, {"classes_per_task": [2, 0]})
+    with pytest.raises(ConfigError, match="vit.num_classes"):
+        from_dict(DyToxConfig, {"vit": {"num_classes": 10}})

@@ -105,22 +105,22 @@ def print_eval(evals: dict) -> None:
             print(f"| {split} | " + " | ".join(f"{m[k]:.2f}" for k in keys) + " |")
 
 
-EVALUATED = ("classification", "contrastive", "detection", "segmentation", "vlm")  # tasks vlkit eval re-scores
-
-
 def cmd_eval(args) -> int:
     import importlib
 
     from vlkit.config import read_yaml
 
     run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
     task = (read_yaml(run / "config.yaml") or {}).get("task", "classification")
-    if task not in EVALUATED:
-        raise SystemExit(f"error: vlkit eval takes {', '.join(EVALUATED)} runs; a {task} run is evaluated at "
-                         f"the end of training ({run / 'eval.json'})")
+    if task not in tasks():
+        raise ConfigError("task", f"{run / 'config.yaml'}: unknown task {task!r}; known: {', '.join(tasks())}")
     doc = importlib.import_module(f"vlkit.tasks.{task}").evaluate_run(run, args.overrides)
     evals = doc["eval"]
     print_eval(evals)
+    for t, row in enumerate(doc.get("matrix", [])):  # class-incremental runs: accuracy per task after each
+        print(f"after task {t + 1}: " + " ".join(f"{a:5.1f}" for a in row))
     out = run / "eval-cli.json"
     out.write_text(json.dumps(doc, indent=2))
     print(f"metrics written to {out}")

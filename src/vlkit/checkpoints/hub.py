@@ -61,6 +61,9 @@ def _register_builtin() -> None:
     from vlkit.tasks.segmentation import SegmentationConfig, build_segmenter
 
     register_architecture("segmenter", SegmentationConfig, build_segmenter)
+    from vlkit.models.dytox import DyToxConfig, build_dytox
+
+    register_architecture("dytox", DyToxConfig, build_dytox)
     FOREIGN["llama"] = load_hf_llama
     FOREIGN["gpt2"] = load_hf_gpt2
 

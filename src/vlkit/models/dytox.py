@@ -10,11 +10,14 @@ the previous model (:func:`distillation_loss`, §3.3) and a rehearsal memory.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlkit.encoders.vit import Block
+from vlkit.config import ConfigError
+from vlkit.encoders.vit import Block, ViTConfig, VisionTransformer
 from vlkit.nn.attention import ClassAttention
 from vlkit.nn.layers import Linear
 
@@ -61,6 +64,30 @@ class DyTox(nn.Module):
             embeddings.append(self.tab(t, context=torch.cat([t, patches], dim=1))[:, 0])  # (B, D)
         logits = torch.cat([head(e) for head, e in zip(self.heads, embeddings)], dim=-1)
         return {"logits": logits, "embeddings": torch.stack(embeddings, 1)}
+
+
+@dataclass
+class DyToxConfig:
+    """A saved DyTox (architecture ``dytox``): the encoder, the TAB's heads and the classes of each task
+    learnt, in order (the model after ``len(classes_per_task)`` expansions)."""
+
+    vit: ViTConfig = field(default_factory=lambda: ViTConfig(num_classes=0, class_token=False, global_pool="avg"))
+    tab_heads: int = 4
+    classes_per_task: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.vit.num_classes:
+            raise ConfigError("vit.num_classes", "must be 0: the task classifiers are DyTox's")
+        if any(n < 1 for n in self.classes_per_task):
+            raise ConfigError("classes_per_task", f"every task needs >= 1 class, got {self.classes_per_task}")
+
+
+def build_dytox(cfg: DyToxConfig) -> DyTox:
+    """A DyTox expanded to ``cfg.classes_per_task`` (fresh weights; a checkpoint's load strictly)."""
+    model = DyTox(VisionTransformer(cfg.vit), cfg.vit.embed_dim, cfg.tab_heads)
+    for n in cfg.classes_per_task:
+        model.add_task(n)
+    return model
 
 
 def distillation_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:

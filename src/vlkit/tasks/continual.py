@@ -14,6 +14,8 @@ Reported: the accuracy matrix A[t][j] (after task t, on task j's classes), the a
 accuracy (mean over t of the accuracy on all classes seen after t), the final accuracy and the
 average forgetting (mean over old tasks j of max_t A[t][j] - A[last][j]); a plot per task step.
 A killed run resumes where it stopped: completed tasks are read back from ``task<k>/state``.
+The final model is saved to ``model/`` (architecture ``dytox``: ``vlkit.load`` and ``vlkit predict``
+read it); ``vlkit eval RUN`` scores every task's saved model again and rebuilds the matrix.
 """
 from __future__ import annotations
 
@@ -33,9 +35,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlkit.config import ConfigError, to_dict
 from vlkit.data.base import collate
-from vlkit.encoders.vit import ViTConfig, VisionTransformer
-from vlkit.models.dytox import DyTox, distillation_loss
-from vlkit.tasks.data import DataConfig, Subset, build_splits, eval_dataset, train_dataset
+from vlkit.encoders.vit import ViTConfig
+from vlkit.checkpoints.hub import save_model
+from vlkit.checkpoints.io import load_state_dict_strict
+from vlkit.models.dytox import DyTox, DyToxConfig, build_dytox, distillation_loss
+from vlkit.tasks.data import DataConfig, Subset, Splits, build_splits, eval_config, eval_dataset, train_dataset
 from vlkit.train import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
@@ -149,16 +153,11 @@ def train(cfg: ContinualConfig, run_dir: str | Path | None = None, resume: bool 
     run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    splits = build_splits(cfg.data)
-    if splits.test is None:
-        raise ConfigError("data.test", "class-incremental evaluation needs a test split")
-    tasks = task_classes(len(splits.classes), cfg.num_tasks)
-    if cfg.method == "joint":
-        tasks = [sum(tasks, [])]
+    splits, tasks = _protocol(cfg)
     labels = labels_of(splits.train)
     test_labels = labels_of(splits.test)
     torch.manual_seed(cfg.train.seed)
-    model = DyTox(VisionTransformer(cfg.vit), cfg.vit.embed_dim, cfg.tab_heads)
+    model = build_dytox(DyToxConfig(cfg.vit, cfg.tab_heads))
     memory, matrix, old = [], [], None
     for t, classes in enumerate(tasks):
         torch.manual_seed(cfg.train.seed + 7919 * (t + 1))  # the new token / classifier init, also on resume
@@ -174,23 +173,62 @@ def train(cfg: ContinualConfig, run_dir: str | Path | None = None, resume: bool 
         if cfg.method == "dytox" and cfg.balanced_steps and t > 0 and memory:
             model = _balanced_finetune(model, cfg, splits, labels, classes, memory, run_dir / f"task{t}_balanced",
                                        resume, seed=cfg.train.seed + t)
-        seen = sum(tasks[:t + 1], [])
-        test = eval_dataset(Subset(splits.test, (torch.isin(test_labels, torch.tensor(seen))).nonzero()[:, 0]),
-                            cfg.data)
-        matrix.append(accuracy_per_task(model, test, tasks[:t + 1], cfg.eval_batch_size))
+        matrix.append(_score(model, splits, test_labels, tasks[:t + 1], cfg))
         log.info("after task %d: accuracy per task %s", t, [f"{a:.1f}" for a in matrix[-1]])
         if cfg.method == "dytox" and cfg.memory_size:
-            memory = _update_memory(memory, labels, seen, cfg.memory_size, cfg.train.seed + t)
+            memory = _update_memory(memory, labels, sum(tasks[:t + 1], []), cfg.memory_size, cfg.train.seed + t)
         _save_state(state, model, memory, matrix)
         old = _frozen_copy(model)
+    meta = {"classes": splits.classes, "transform": to_dict(cfg.data.transform), "dataset": splits.source,
+            "tasks": tasks}
+    save_model(model, run_dir / "model", "dytox", DyToxConfig(cfg.vit, cfg.tab_heads, model.classes_per_task),
+               meta=meta)
+    doc = _eval_doc(matrix, tasks)
+    (run_dir / "eval.json").write_text(json.dumps(doc, indent=2))
+    _plot(summarise(matrix, [len(c) for c in tasks]), run_dir / "tasks.png", cfg)
+    return {"run_dir": str(run_dir), "summary": {"tasks": len(tasks)}, "eval": doc["eval"]}
+
+
+def _protocol(cfg: ContinualConfig) -> tuple[Splits, list[list[int]]]:
+    """The data and the classes of each task, in the order they are learnt."""
+    splits = build_splits(cfg.data)
+    if splits.test is None:
+        raise ConfigError("data.test", "class-incremental evaluation needs a test split")
+    tasks = task_classes(len(splits.classes), cfg.num_tasks)
+    return splits, [sum(tasks, [])] if cfg.method == "joint" else tasks
+
+
+def _score(model: DyTox, splits: Splits, test_labels: torch.Tensor, tasks: list[list[int]],
+           cfg: ContinualConfig) -> list[float]:
+    """One row of the matrix: accuracy on each of ``tasks`` (those seen so far) over their test images."""
+    seen = torch.tensor(sum(tasks, []))
+    test = eval_dataset(Subset(splits.test, torch.isin(test_labels, seen).nonzero()[:, 0]), cfg.data)
+    return accuracy_per_task(model, test, tasks, cfg.eval_batch_size)
+
+
+def _eval_doc(matrix: list[list[float]], tasks: list[list[int]]) -> dict:
     result = summarise(matrix, [len(c) for c in tasks])
-    (run_dir / "eval.json").write_text(json.dumps({"eval": {"test": {k: v for k, v in result.items()
-                                                                     if not isinstance(v, list)}},
-                                                   "matrix": matrix, "acc_after_task": result["acc_after_task"]},
-                                                  indent=2))
-    _plot(result, run_dir / "tasks.png", cfg)
-    return {"run_dir": str(run_dir), "summary": {"tasks": len(tasks)},
-            "eval": {"test": {k: v for k, v in result.items() if not isinstance(v, list)}}}
+    return {"eval": {"test": {k: v for k, v in result.items() if not isinstance(v, list)}},
+            "matrix": matrix, "acc_after_task": result["acc_after_task"]}
+
+
+def evaluate_run(run: str | Path, overrides: list[str] | tuple = ()) -> dict:
+    """``vlkit eval`` of a class-incremental run: the model saved after each task (``task<k>/state``)
+    scored again on the test images of the classes seen by then -> the matrix and its summary, as in
+    ``eval.json`` (``data.eval_limit=...`` and other data keys may change)."""
+    cfg = eval_config(ContinualConfig, run, overrides, ("data.", "eval_batch_size"))
+    splits, tasks = _protocol(cfg)
+    test_labels = labels_of(splits.test)
+    matrix = []
+    for t in range(len(tasks)):
+        state = Path(run) / f"task{t}" / "state" / "model.safetensors"
+        if not state.is_file():
+            raise FileNotFoundError(f"{state} is missing: the run stopped before task {t} finished "
+                                    "(vlkit train ... --resume completes it)")
+        model = build_dytox(DyToxConfig(cfg.vit, cfg.tab_heads, [len(c) for c in tasks[:t + 1]]))
+        load_state_dict_strict(model, load_file(str(state)), source=str(state))
+        matrix.append(_score(model, splits, test_labels, tasks[:t + 1], cfg))
+    return _eval_doc(matrix, tasks)
 
 
 def _frozen_copy(model: DyTox) -> DyTox:

@@ -1,4 +1,4 @@
-"""Classify image files with a trained run, a vlkit model folder or a HF ViT/DeiT folder."""
+"""Classify image files with a trained run (classifier or DyTox), a vlkit model folder or a HF ViT/DeiT folder."""
 from __future__ import annotations
 
 import json
@@ -50,7 +50,8 @@ def predict_files(path: str | Path, images: Sequence[str | Path], top_k: int = 3
             results.append({"path": str(image_path), "error": e.reason})
     for start in range(0, len(pending), batch_size):
         chunk = pending[start:start + batch_size]
-        probs = model(torch.stack([x for _, x in chunk])).softmax(-1)
+        out = model(torch.stack([x for _, x in chunk]))
+        probs = (out["logits"] if isinstance(out, dict) else out).softmax(-1)  # DyTox returns a dict
         p, idx = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
         for (i, _), ps, ids in zip(chunk, p.tolist(), idx.tolist()):
             names = [classes[j] if j < len(classes) else str(j) for j in ids]
