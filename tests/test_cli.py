@@ -94,6 +94,7 @@ def test_quickstart_all_adds_the_dense_stages(tmp_path):
     report = (tmp_path / "qs" / "report.md").read_text()
     assert "Detection: DETR" in report and "Semantic segmentation: Segmenter" in report
     assert "AP50" in report and "mIoU" in report
+    assert "object query looks" in report  # every image shows at least its best box, so its query's attention
     for stage in ("detr", "segmenter"):
         assert (tmp_path / "qs" / stage / "samples.png").read_bytes()[:4] == b"\x89PNG"
     import re

@@ -82,6 +82,11 @@ def test_predict_draws_boxes_and_masks(tmp_path, capsys):
     found = json.loads((tmp_path / "a.json").read_text())[0]
     assert Image.open(found["attention_picture"]).size == (10 * (256 + 4), 256)  # one panel per drawn query
     assert sorted(d["query"] for d in found["detections"]) == list(range(10))
+    assert main(["predict", str(det), str(image), "--out", str(out), "--threshold", "1", "--min-boxes", "2",
+                 "--json", str(tmp_path / "m.json")]) == 0  # no score passes 1: the two best drawn anyway
+    best = json.loads((tmp_path / "m.json").read_text())[0]["detections"]
+    scores = sorted((d["score"] for d in json.loads((tmp_path / "a.json").read_text())[0]["detections"]), reverse=True)
+    assert sorted(d["score"] for d in best) == pytest.approx(sorted(scores[:2]))
     assert main(["predict", str(seg), str(image), "--out", str(out)]) == 0
     assert Image.open(out / "scene_segmenter.png").size == (256, 256)
 

@@ -25,6 +25,12 @@ def test_shapes_and_auxiliary_outputs():
     assert ((out["boxes"] >= 0) & (out["boxes"] <= 1)).all() and len(out["aux_outputs"]) == 1
     res = postprocess(out, torch.tensor([[32, 64], [32, 64]]))
     assert res[0]["boxes"].shape == (5, 4) and res[0]["boxes"][:, [0, 2]].max() <= 64
+    probs = out["logits"].softmax(-1)[..., :-1].max(-1).values
+    for threshold, min_boxes in ((1.0, 2), (0.0, 2), (float(probs[1].median()), 4), (1.0, 9)):
+        for p, res_i in zip(probs, postprocess(out, torch.tensor([[32, 64]] * 2), threshold, min_boxes=min_boxes)):
+            want = (p > threshold) | (p >= p.topk(min(min_boxes, 5)).values[-1])  # above, or among the best
+            assert res_i["queries"].tolist() == want.nonzero()[:, 0].tolist()
+            torch.testing.assert_close(res_i["scores"], p[want])
 
 
 def test_sine_positions_differ_per_cell_and_ignore_padding():

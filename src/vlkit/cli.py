@@ -143,7 +143,8 @@ def cmd_predict(args) -> int:
     if arch in ("detr", "segmenter"):
         from vlkit.tasks.dense_predict import predict_dense
 
-        results = predict_dense(args.run, args.images, args.out, args.threshold, attention=args.attention)
+        results = predict_dense(args.run, args.images, args.out, args.threshold, attention=args.attention,
+                                min_boxes=args.min_boxes)
         for r in results:
             if "error" in r:
                 print(f"{r['path']}: skipped ({r['error']})")
@@ -251,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prompt", default="Describe the image.", help="VLM runs: the question (default: caption)")
     r.add_argument("--out", default="predictions", help="DETR / Segmenter runs: folder of the drawn pictures")
     r.add_argument("--threshold", type=float, default=0.5, help="DETR runs: minimum score of a drawn box")
+    r.add_argument("--min-boxes", type=int, default=0, metavar="N",
+                   help="DETR runs: also draw the N best-scored boxes of each image, below the threshold")
     r.add_argument("--int8", action="store_true", help="VLM runs: the language model with int8 weights (CPU)")
     r.add_argument("--attention", action="store_true",
                    help="DETR runs: also draw where each detection's object query looks (decoder cross-attention)")

@@ -315,14 +315,20 @@ class FeatureMap(nn.Module):
 
 
 @torch.no_grad()
-def postprocess(outputs: dict, sizes: torch.Tensor, threshold: float = 0.0, focal: bool = False) -> list[dict]:
+def postprocess(outputs: dict, sizes: torch.Tensor, threshold: float = 0.0, focal: bool = False,
+                min_boxes: int = 0) -> list[dict]:
     """Per image {"scores" (K,), "labels" (K,), "boxes" (K, 4) xyxy in pixels, clipped, "queries" (K,) the
-    object queries they come from} of the predictions whose best real class scores above ``threshold``;
+    object queries they come from} of the predictions whose best real class scores above ``threshold``,
+    and at least the ``min_boxes`` best-scored ones whatever their score (in query order);
     ``sizes`` (B, 2) = (height, width); ``focal``: the logits are per-class sigmoids (``DETRConfig.focal``)."""
     probs = outputs["logits"].sigmoid() if focal else outputs["logits"].softmax(-1)[..., :-1]
     scores, labels = probs.max(-1)
     h, w = sizes.unbind(-1)
     scale = torch.stack([w, h, w, h], dim=-1)[:, None].to(outputs["boxes"])
     boxes = torch.min(cxcywh_to_xyxy(outputs["boxes"]).clamp(min=0) * scale, scale)  # clipped to the image
-    return [{"scores": s[s > threshold], "labels": lab[s > threshold], "boxes": b[s > threshold],
-             "queries": torch.nonzero(s > threshold)[:, 0]} for s, lab, b in zip(scores, labels, boxes)]
+    keep = scores > threshold
+    if min_boxes > 0:
+        best = scores.topk(min(min_boxes, scores.shape[-1]), dim=-1).indices
+        keep = keep.scatter(-1, best, True)
+    return [{"scores": s[k], "labels": lab[k], "boxes": b[k], "queries": torch.nonzero(k)[:, 0]}
+            for s, lab, b, k in zip(scores, labels, boxes, keep)]

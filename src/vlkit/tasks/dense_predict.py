@@ -19,10 +19,11 @@ from vlkit.viz.dense import draw_boxes, draw_mask, draw_query_attention
 
 @torch.no_grad()
 def predict_dense(run: str | Path, images: Sequence[str | Path], out_dir: str | Path, threshold: float = 0.5,
-                  attention: bool = False) -> list[dict]:
+                  attention: bool = False, min_boxes: int = 0) -> list[dict]:
     """Draw each image's predictions into ``out_dir``; one result dict per image (``error`` for an unreadable
-    one). DETR with ``attention``: also ``{stem}_detr_attention.png``, the last decoder layer's
-    cross-attention of each drawn detection's query."""
+    one). DETR: the boxes scored above ``threshold`` and at least the ``min_boxes`` best; with
+    ``attention`` also ``{stem}_detr_attention.png``, the last decoder layer's cross-attention of each
+    drawn detection's query."""
     doc = read_model_config(run)
     arch, classes = doc["architecture"], doc.get("meta", {}).get("classes", [])
     tcfg = from_dict(TransformConfig, doc["config"]["transform"])
@@ -40,7 +41,8 @@ def predict_dense(run: str | Path, images: Sequence[str | Path], out_dir: str | 
         shown = image.resize((tcfg.image_size, tcfg.image_size))
         target = out_dir / f"{Path(path).stem}_{arch}.png"
         if arch == "detr":
-            results.append({"path": str(path), **_detect(model, pixels, shown, classes, threshold, target, attention)})
+            results.append({"path": str(path), **_detect(model, pixels, shown, classes, target, attention,
+                                                              threshold, min_boxes)})
         else:
             mask = model(pixels).argmax(1)[0]
             draw_mask(shown, mask).save(target)
@@ -50,10 +52,10 @@ def predict_dense(run: str | Path, images: Sequence[str | Path], out_dir: str | 
     return results
 
 
-def _detect(model, pixels: torch.Tensor, shown, classes: Sequence[str], threshold: float, target: Path,
-            attention: bool) -> dict:
+def _detect(model, pixels: torch.Tensor, shown, classes: Sequence[str], target: Path, attention: bool,
+            threshold: float, min_boxes: int) -> dict:
     out = model(pixels, return_attention=attention)
-    det = postprocess(out, torch.tensor([pixels.shape[-2:]]), threshold, focal=model.cfg.focal)[0]
+    det = postprocess(out, torch.tensor([pixels.shape[-2:]]), threshold, focal=model.cfg.focal, min_boxes=min_boxes)[0]
     labels, scores = det["labels"].tolist(), det["scores"].tolist()
     draw_boxes(shown, det["boxes"], labels, classes, scores).save(target)
     result = {"picture": str(target), "detections": [{"label": classes[lab], "score": s, "box": b, "query": int(q)}

@@ -200,14 +200,16 @@ def dense_stage(kind: str, cfg, run_dir: Path, rel: str, shown: int = 8) -> str:
     for i in range(shown):
         paths.append(folder / f"test{i}.png")
         world[i]["image"].save(paths[-1])
-    drawn = predict_dense(run_dir, paths, run_dir / "predictions", threshold=0.5, attention=kind == "detr")
+    drawn = predict_dense(run_dir, paths, run_dir / "predictions", threshold=0.5, attention=kind == "detr",
+                          min_boxes=1)
     from PIL import Image
 
     truth = [", ".join(o["shape"] for o in world[i]["objects"]) for i in range(shown)]
     grid = save_text_grid([Image.open(d["picture"]) for d in drawn], [f"true: {t}" for t in truth],
                           run_dir / "samples.png", width=40)
     title = "Detection: DETR" if kind == "detr" else "Semantic segmentation: Segmenter"
-    what = "boxes scored above 0.5" if kind == "detr" else "predicted class masks"
+    what = ("boxes scored above 0.5 (at least the best-scored box of each image, whatever its score)"
+            if kind == "detr" else "predicted class masks")
     looks = [d for d in drawn if d.get("detections")][:2]
     attention = ["Where each detection's object query looks (last decoder layer's cross-attention, one panel "
                  "per box):\n\n" + "\n\n".join(f"![attention]({rel}/{Path(d['attention_picture']).relative_to(run_dir)})"
