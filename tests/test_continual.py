@@ -103,3 +103,30 @@ def test_dytox_config_is_checked():
         from_dict(DyToxConfig, {"classes_per_task": [2, 0]})
     with pytest.raises(ConfigError, match="vit.num_classes"):
         from_dict(DyToxConfig, {"vit": {"num_classes": 10}})
+
+
+def test_bce_and_auto_kd_weighting():
+    from vlkit.tasks.continual import ContinualConfig, classification_loss, objective_fn
+
+    logits, labels = torch.tensor([[2.0, -1.0, 0.5]]), torch.tensor([2])
+    manual = -(torch.log(torch.sigmoid(torch.tensor([-2.0, 1.0, 0.5])))).mean()  # 1 - p for the wrong classes
+    torch.testing.assert_close(classification_loss(logits, labels, bce=True), manual)
+    torch.testing.assert_close(classification_loss(logits, labels), torch.nn.functional.cross_entropy(logits, labels))
+    torch.manual_seed(0)
+    enc = VisionTransformer(ViTConfig(image_size=16, patch_size=4, num_classes=0, embed_dim=32, depth=1, num_heads=2,
+                                      class_token=False, global_pool="avg"))
+    model = DyTox(enc, 32, 2)
+    model.add_task(3)
+    import copy
+
+    old = copy.deepcopy(model).eval()
+    model.add_task(1)  # 3 old classes of 4: r = 0.75
+    with torch.no_grad():  # the shared encoder moved on since: the old classes' logits differ
+        for p in model.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = {"image": torch.randn(4, 3, 16, 16), "label": torch.tensor([0, 3, 1, 3])}
+    out = objective_fn(old, ContinualConfig(auto_kd=True, bce=True))(model, batch)
+    torch.testing.assert_close(out["loss"], 0.25 * out["ce"] + 0.75 * out["kd"])
+    fixed = objective_fn(old, ContinualConfig(distill_weight=0.5))(model, batch)
+    torch.testing.assert_close(fixed["loss"], fixed["ce"] + 0.5 * fixed["kd"])
+    assert out["kd"] > 0 and not torch.allclose(out["ce"], fixed["ce"])  # bce vs softmax CE

@@ -62,7 +62,11 @@ class ContinualConfig:
     memory_size: int = 200  # rehearsal images kept over all seen classes (dytox)
     distill_weight: float = 1.0
     distill_temperature: float = 2.0
+    auto_kd: bool = False  # DyTox's weighting: (1 - r) x classification + r x distillation, r = old / all classes
+    bce: bool = False  # DyTox's bce_loss: per-class binary cross-entropy on one-hot targets instead of softmax CE
     balanced_steps: int = 0  # dytox: after each new task, steps of classifier finetuning on class-balanced data
+    balanced_lr: float = 1.0e-4
+    balanced_tab: bool = False  # the balanced finetuning also trains the task-attention block (DyTox: all but the SABs)
     eval_batch_size: int = 256
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=128, epochs=0, max_steps=300,
                                                                    warmup_steps=50, weight_decay=0.05))
@@ -91,16 +95,28 @@ def task_classes(num_classes: int, num_tasks: int) -> list[list[int]]:
     return [list(range(t * k, (t + 1) * k)) for t in range(num_tasks)]
 
 
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, bce: bool = False) -> torch.Tensor:
+    """Softmax cross-entropy, or (``bce``) binary cross-entropy of every class's logit against the one-hot
+    target, which does not make the new classes' logits push the old ones down."""
+    if bce:
+        return F.binary_cross_entropy_with_logits(logits, F.one_hot(labels, logits.shape[-1]).to(logits.dtype))
+    return F.cross_entropy(logits, labels)
+
+
 def objective_fn(old: DyTox | None, cfg: ContinualConfig):
     def objective(model: nn.Module, batch: dict) -> dict:
         logits = model(batch["image"])["logits"]
-        out = {"ce": F.cross_entropy(logits, batch["label"])}
+        out = {"ce": classification_loss(logits, batch["label"], cfg.bce)}
         loss = out["ce"]
-        if old is not None and cfg.method == "dytox" and cfg.distill_weight:
+        if old is not None and cfg.method == "dytox" and (cfg.distill_weight or cfg.auto_kd):
             with torch.no_grad():
                 old_logits = old(batch["image"])["logits"]
             out["kd"] = distillation_loss(logits, old_logits, cfg.distill_temperature)
-            loss = loss + cfg.distill_weight * out["kd"]
+            if cfg.auto_kd:
+                r = old_logits.shape[-1] / logits.shape[-1]
+                loss = (1 - r) * loss + r * out["kd"]
+            else:
+                loss = loss + cfg.distill_weight * out["kd"]
         return {"loss": loss, **{k: v.detach() for k, v in out.items()}}
     return objective
 
@@ -250,9 +266,9 @@ def _learn_task(model, old, cfg, splits, labels, classes, memory, task_dir, resu
 
 
 def _balanced_finetune(model, cfg, splits, labels, classes, memory, task_dir, resume, seed):
-    """DyTox §3.3 (after each task): a short finetuning of the task tokens and classifiers (encoder and
-    TAB frozen) on the memory plus as many images per new class as the memory keeps per old class,
-    against the bias towards the newest classes."""
+    """DyTox §3.3 (after each task): a short finetuning of the task tokens and classifiers (encoder frozen;
+    the TAB too unless ``balanced_tab``) on the memory plus as many images per new class as the memory keeps
+    per old class, against the bias towards the newest classes."""
     per_class = len(memory) // max(1, len(set(labels[memory].tolist())))
     g = torch.Generator().manual_seed(seed)
     new = []
@@ -261,10 +277,10 @@ def _balanced_finetune(model, cfg, splits, labels, classes, memory, task_dir, re
         new += pool[torch.randperm(len(pool), generator=g)[:per_class]].tolist()
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
-    for p in [*model.task_tokens, *model.heads.parameters()]:
+    for p in [*model.task_tokens, *model.heads.parameters(), *(model.tab.parameters() if cfg.balanced_tab else ())]:
         p.requires_grad_(True)
     data = Subset(train_dataset(splits, cfg.data), memory + new)
-    steps_cfg = replace(cfg.train, max_steps=cfg.balanced_steps, epochs=0, lr=cfg.train.lr * 0.1,
+    steps_cfg = replace(cfg.train, max_steps=cfg.balanced_steps, epochs=0, lr=cfg.balanced_lr,
                         warmup_steps=0, batch_size=min(cfg.train.batch_size, len(data)))
     trainer = Trainer(model, objective_fn(None, cfg), data, steps_cfg, task_dir)
     trainer.fit(resume=resume)
