@@ -92,7 +92,7 @@ def test_saved_model_loads_predicts_and_eval_rebuilds_the_matrix(tmp_path, capsy
 
     shutil.rmtree(run / "task2")
     assert main(["eval", str(run)]) == 2
-    assert "before task 2 finished" in capsys.readouterr().err
+    assert "before task 3 of 4 finished" in capsys.readouterr().err
 
 
 def test_dytox_config_is_checked():
@@ -127,6 +127,32 @@ def test_bce_and_auto_kd_weighting():
     batch = {"image": torch.randn(4, 3, 16, 16), "label": torch.tensor([0, 3, 1, 3])}
     out = objective_fn(old, ContinualConfig(auto_kd=True, bce=True))(model, batch)
     torch.testing.assert_close(out["loss"], 0.25 * out["ce"] + 0.75 * out["kd"])
+    alone = objective_fn(old, ContinualConfig(auto_kd=True, bce=True, distill_weight=0.0))(model, batch)
+    torch.testing.assert_close(alone["loss"], out["loss"])  # auto_kd distils whatever distill_weight says
     fixed = objective_fn(old, ContinualConfig(distill_weight=0.5))(model, batch)
     torch.testing.assert_close(fixed["loss"], fixed["ce"] + 0.5 * fixed["kd"])
     assert out["kd"] > 0 and not torch.allclose(out["ce"], fixed["ce"])  # bce vs softmax CE
+
+
+@pytest.mark.parametrize("tab", [False, True])
+def test_balanced_finetuning_trains_tokens_heads_and_optionally_the_tab(tmp_path, tab):
+    from vlkit.cli import load_recipe
+    from vlkit.models.dytox import DyToxConfig, build_dytox
+    from vlkit.tasks.continual import _balanced_finetune, labels_of
+    from vlkit.tasks.data import build_splits
+
+    cfg, _ = load_recipe("dytox_fmnist", [*TINY, f"balanced_tab={str(tab).lower()}", "balanced_lr=0.01"])
+    splits = build_splits(cfg.data)
+    labels = labels_of(splits.train)
+    torch.manual_seed(0)
+    model = build_dytox(DyToxConfig(cfg.vit, cfg.tab_heads, [2, 2]))
+    model.requires_grad_(True)
+    model.task_tokens[0].requires_grad_(False)  # as after add_task: flags to be restored
+    memory = (labels < 2).nonzero()[:6, 0].tolist()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model = _balanced_finetune(model, cfg, splits, labels, [2, 3], memory, tmp_path / "bal", False, seed=0)
+    moved = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved == ({"tab", "task_tokens", "heads"} if tab else {"task_tokens", "heads"})  # never the encoder
+    assert not model.task_tokens[0].requires_grad and model.encoder.patch_embed.proj.weight.requires_grad
+    first = json.loads((tmp_path / "bal" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0.005 <= first["lr"] <= 0.01  # balanced_lr (cosine over its 2 steps, no warmup), not train.lr 1e-3

@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="predictions", help="DETR / Segmenter runs: folder of the drawn pictures")
     r.add_argument("--threshold", type=float, default=0.5, help="DETR runs: minimum score of a drawn box")
     r.add_argument("--min-boxes", type=int, default=0, metavar="N",
-                   help="DETR runs: also draw the N best-scored boxes of each image, below the threshold")
+                   help="DETR runs: also draw the N best-scored boxes of each image, even below the threshold")
     r.add_argument("--int8", action="store_true", help="VLM runs: the language model with int8 weights (CPU)")
     r.add_argument("--attention", action="store_true",
                    help="DETR runs: also draw where each detection's object query looks (decoder cross-attention)")

@@ -319,7 +319,7 @@ def postprocess(outputs: dict, sizes: torch.Tensor, threshold: float = 0.0, foca
                 min_boxes: int = 0) -> list[dict]:
     """Per image {"scores" (K,), "labels" (K,), "boxes" (K, 4) xyxy in pixels, clipped, "queries" (K,) the
     object queries they come from} of the predictions whose best real class scores above ``threshold``,
-    and at least the ``min_boxes`` best-scored ones whatever their score (in query order);
+    and at least the ``min_boxes`` best-scored ones whatever their score (in query order, not by score);
     ``sizes`` (B, 2) = (height, width); ``focal``: the logits are per-class sigmoids (``DETRConfig.focal``)."""
     probs = outputs["logits"].sigmoid() if focal else outputs["logits"].softmax(-1)[..., :-1]
     scores, labels = probs.max(-1)

@@ -72,8 +72,8 @@ class DyToxConfig:
     learnt, in order (the model after ``len(classes_per_task)`` expansions)."""
 
     vit: ViTConfig = field(default_factory=lambda: ViTConfig(num_classes=0, class_token=False, global_pool="avg"))
-    tab_heads: int = 4
-    classes_per_task: list[int] = field(default_factory=list)
+    tab_heads: int = 4  # heads of the task-attention block (its width is vit.embed_dim)
+    classes_per_task: list[int] = field(default_factory=list)  # one task token + classifier each, in order
 
     def __post_init__(self):
         if self.vit.num_classes:

@@ -4,8 +4,10 @@ The classes are split, in their natural order, into ``num_tasks`` tasks learnt o
 classifies test images of every class seen so far (no task id given). Methods:
 
 - ``dytox``: DyTox (:mod:`vlkit.models.dytox`): a task token + classifier per task, knowledge
-  distillation from the previous model, a rehearsal memory of ``memory_size`` training images and
-  (``balanced_steps``) a short class-balanced finetuning of the tokens and classifiers after each task;
+  distillation from the previous model (``auto_kd``: DyTox's weighting), a rehearsal memory of
+  ``memory_size`` training images and (``balanced_steps``) a short class-balanced finetuning of the
+  tokens and classifiers (``balanced_tab``: and the task-attention block) after each task; ``bce``:
+  DyTox's per-class binary cross-entropy in place of the softmax's;
 - ``finetune``: the same model trained on each new task's data only (no memory, no distillation):
   the lower bound, catastrophic forgetting;
 - ``joint``: all classes at once for the whole budget: the upper bound.
@@ -33,14 +35,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from vlkit.checkpoints.hub import save_model
+from vlkit.checkpoints.io import load_state_dict_strict
 from vlkit.config import ConfigError, to_dict
 from vlkit.data.base import collate
 from vlkit.encoders.vit import ViTConfig
-from vlkit.checkpoints.hub import save_model
-from vlkit.checkpoints.io import load_state_dict_strict
 from vlkit.models.dytox import DyTox, DyToxConfig, build_dytox, distillation_loss
 from vlkit.tasks.data import DataConfig, Subset, Splits, build_splits, eval_config, eval_dataset, train_dataset
 from vlkit.train import TrainConfig, Trainer
+from vlkit.train.distributed import device, is_main
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +65,13 @@ class ContinualConfig:
     memory_size: int = 200  # rehearsal images kept over all seen classes (dytox)
     distill_weight: float = 1.0
     distill_temperature: float = 2.0
-    auto_kd: bool = False  # DyTox's weighting: (1 - r) x classification + r x distillation, r = old / all classes
+    # DyTox's auto_kd weighting: (1 - r) x classification + r x distillation, r = old / all classes
+    # (distill_weight then unused). The distillation term stays Hinton's batch-mean KL x T^2, where DyTox's
+    # reference averages over the old classes too (a C_old times smaller term) with T = 1.
+    auto_kd: bool = False
     bce: bool = False  # DyTox's bce_loss: per-class binary cross-entropy on one-hot targets instead of softmax CE
     balanced_steps: int = 0  # dytox: after each new task, steps of classifier finetuning on class-balanced data
-    balanced_lr: float = 1.0e-4
+    balanced_lr: float = 1.0e-4  # its peak lr (no warmup, cosine); was 0.1 x train.lr before it was a key
     balanced_tab: bool = False  # the balanced finetuning also trains the task-attention block (DyTox: all but the SABs)
     eval_batch_size: int = 256
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=128, epochs=0, max_steps=300,
@@ -180,7 +186,7 @@ def train(cfg: ContinualConfig, run_dir: str | Path | None = None, resume: bool 
         model.add_task(len(classes))
         state = run_dir / f"task{t}" / "state"
         if resume and (state / "state.json").is_file():  # this task finished before the kill
-            model.load_state_dict(load_file(str(state / "model.safetensors")))
+            load_state_dict_strict(model, load_file(str(state / "model.safetensors")), source=str(state))
             doc = json.loads((state / "state.json").read_text())
             memory, matrix = doc["memory"], doc["matrix"]
             old = _frozen_copy(model)
@@ -195,13 +201,14 @@ def train(cfg: ContinualConfig, run_dir: str | Path | None = None, resume: bool 
             memory = _update_memory(memory, labels, sum(tasks[:t + 1], []), cfg.memory_size, cfg.train.seed + t)
         _save_state(state, model, memory, matrix)
         old = _frozen_copy(model)
-    meta = {"classes": splits.classes, "transform": to_dict(cfg.data.transform), "dataset": splits.source,
-            "tasks": tasks}
-    save_model(model, run_dir / "model", "dytox", DyToxConfig(cfg.vit, cfg.tab_heads, model.classes_per_task),
-               meta=meta)
     doc = _eval_doc(matrix, tasks)
-    (run_dir / "eval.json").write_text(json.dumps(doc, indent=2))
-    _plot(summarise(matrix, [len(c) for c in tasks]), run_dir / "tasks.png", cfg)
+    if is_main():
+        meta = {"classes": splits.classes, "transform": to_dict(cfg.data.transform), "dataset": splits.source,
+                "tasks": tasks}
+        save_model(model, run_dir / "model", "dytox", DyToxConfig(cfg.vit, cfg.tab_heads, model.classes_per_task),
+                   meta=meta)
+        (run_dir / "eval.json").write_text(json.dumps(doc, indent=2))
+        _plot(summarise(matrix, [len(c) for c in tasks]), run_dir / "tasks.png", cfg)
     return {"run_dir": str(run_dir), "summary": {"tasks": len(tasks)}, "eval": doc["eval"]}
 
 
@@ -223,6 +230,7 @@ def _score(model: DyTox, splits: Splits, test_labels: torch.Tensor, tasks: list[
 
 
 def _eval_doc(matrix: list[list[float]], tasks: list[list[int]]) -> dict:
+    """eval.json: the summary's numbers, the matrix and the accuracy on all seen classes after each task."""
     result = summarise(matrix, [len(c) for c in tasks])
     return {"eval": {"test": {k: v for k, v in result.items() if not isinstance(v, list)}},
             "matrix": matrix, "acc_after_task": result["acc_after_task"]}
@@ -237,13 +245,13 @@ def evaluate_run(run: str | Path, overrides: list[str] | tuple = ()) -> dict:
     test_labels = labels_of(splits.test)
     matrix = []
     for t in range(len(tasks)):
-        state = Path(run) / f"task{t}" / "state" / "model.safetensors"
-        if not state.is_file():
-            raise FileNotFoundError(f"{state} is missing: the run stopped before task {t} finished "
-                                    "(vlkit train ... --resume completes it)")
+        state = Path(run) / f"task{t}" / "state"
+        if not (state / "state.json").is_file():  # written last, as resume reads it
+            raise FileNotFoundError(f"{state / 'state.json'} is missing: the run stopped before task {t + 1} of "
+                                    f"{len(tasks)} finished (vlkit train ... --resume completes it)")
         model = build_dytox(DyToxConfig(cfg.vit, cfg.tab_heads, [len(c) for c in tasks[:t + 1]]))
-        load_state_dict_strict(model, load_file(str(state)), source=str(state))
-        matrix.append(_score(model, splits, test_labels, tasks[:t + 1], cfg))
+        load_state_dict_strict(model, load_file(str(state / "model.safetensors")), source=str(state))
+        matrix.append(_score(model.to(device()), splits, test_labels, tasks[:t + 1], cfg))
     return _eval_doc(matrix, tasks)
 
 
