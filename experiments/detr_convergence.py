@@ -79,7 +79,7 @@ def val_curve(run_dir: Path) -> tuple[list, list]:
 
 
 def label(name: str) -> str:
-    if name not in LABELS and name.removeprefix("pre_") not in LABELS:
+    if name.removeprefix("pre_") not in LABELS:
         return name  # a finished run added with --also
     base = LABELS[name.removeprefix("pre_")]
     return f"{base}, pretrained backbone" if name.startswith("pre_") else base

@@ -17,11 +17,16 @@ TINY = ["data.dataset=world", "data.world.image_size=28", "data.world.train_leng
         "vit.depth=1", "vit.embed_dim=32", "vit.num_heads=2", "tab_heads=2", "memory_size=8", "eval_batch_size=16", "balanced_steps=2"]
 
 
-def test_expansion_adds_tokens_and_heads_and_freezes_the_old_ones():
+def tiny_dytox() -> DyTox:
+    """A 16 px DyTox (d 32, one block, 2 heads) without tasks, seeded."""
     torch.manual_seed(0)
     enc = VisionTransformer(ViTConfig(image_size=16, patch_size=4, num_classes=0, embed_dim=32, depth=1, num_heads=2,
                                       class_token=False, global_pool="avg"))
-    model = DyTox(enc, 32, 2)
+    return DyTox(enc, 32, 2)
+
+
+def test_expansion_adds_tokens_and_heads_and_freezes_the_old_ones():
+    model = tiny_dytox()
     model.add_task(2)
     assert model(torch.randn(3, 3, 16, 16))["logits"].shape == (3, 2)
     model.add_task(3)
@@ -112,10 +117,7 @@ def test_bce_and_auto_kd_weighting():
     manual = -(torch.log(torch.sigmoid(torch.tensor([-2.0, 1.0, 0.5])))).mean()  # 1 - p for the wrong classes
     torch.testing.assert_close(classification_loss(logits, labels, bce=True), manual)
     torch.testing.assert_close(classification_loss(logits, labels), torch.nn.functional.cross_entropy(logits, labels))
-    torch.manual_seed(0)
-    enc = VisionTransformer(ViTConfig(image_size=16, patch_size=4, num_classes=0, embed_dim=32, depth=1, num_heads=2,
-                                      class_token=False, global_pool="avg"))
-    model = DyTox(enc, 32, 2)
+    model = tiny_dytox()
     model.add_task(3)
     import copy
 

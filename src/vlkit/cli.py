@@ -114,8 +114,9 @@ def cmd_eval(args) -> int:
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
     task = (read_yaml(run / "config.yaml") or {}).get("task", "classification")
-    if task not in tasks():
-        raise ConfigError("task", f"{run / 'config.yaml'}: unknown task {task!r}; known: {', '.join(tasks())}")
+    known = tasks()
+    if task not in known:
+        raise ConfigError("task", f"{run / 'config.yaml'}: unknown task {task!r}; known: {', '.join(known)}")
     doc = importlib.import_module(f"vlkit.tasks.{task}").evaluate_run(run, args.overrides)
     evals = doc["eval"]
     print_eval(evals)

@@ -81,8 +81,7 @@ class ContinualConfig:
     def __post_init__(self):
         if self.num_tasks < 1:
             raise ConfigError("num_tasks", f"must be >= 1, got {self.num_tasks}")
-        if self.vit.num_classes:
-            raise ConfigError("vit.num_classes", "must be 0: the task classifiers are DyTox's")
+        DyToxConfig(self.vit, self.tab_heads)  # the model's own checks (vit.num_classes), at recipe time
 
 
 def labels_of(ds: Dataset) -> torch.Tensor:
