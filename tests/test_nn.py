@@ -121,6 +121,35 @@ def test_linear_matches_torch_forward_and_backward():
     torch.testing.assert_close(linear(xs.double(), lin.weight.double()), xs.double() @ lin.weight.double().t())
 
 
+@pytest.mark.skipif(not layers.ONEDNN_LINEAR, reason="oneDNN linear unavailable")
+@pytest.mark.parametrize("loss", ["sum", "transposed"])
+def test_linear_backward_gives_onednn_dense_gradients(loss, monkeypatch):
+    """``y.sum()`` sends back a stride-0 gradient, a loss on ``y.transpose`` a transposed one: the
+    backward copies them dense first (oneDNN's dW GEMM is ~1000x slower on a stride-0 operand)."""
+    operands = []
+    real = layers._onednn_mm
+
+    def spy(x, weight, bias):
+        operands.append((x, weight))
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(layers, "_onednn_mm", spy)
+    lin, ref = Linear(12, 20), nn.Linear(12, 20)
+    ref.load_state_dict(lin.state_dict())
+    x = torch.randn(80, 12, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    m = torch.randn(20, 80)
+    for model, inp in ((lin, x), (ref, xr)):
+        y = model(inp)
+        (y.sum() if loss == "sum" else (y.t() * m).sum()).backward()
+    assert len(operands) == 3  # forward, dx = dy W, dW = (x^T dy)^T
+    (dy, _), (_, dy_t) = operands[1], operands[2]
+    assert dy.is_contiguous() and dy_t.t().is_contiguous()
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lin.weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(lin.bias.grad, ref.bias.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_mlp_shapes_and_activation():
     mlp = Mlp(8, 32, act_layer=nn.ReLU)
     assert mlp(torch.randn(2, 3, 8)).shape == (2, 3, 8)
