@@ -66,6 +66,59 @@ def test_bpe_trained_on_world_captions(tmp_path):
         assert again.decode(again.encode(unseen)) == unseen
 
 
+def test_learn_merges_on_sennrichs_example():
+    """Sennrich et al. 2016's toy vocabulary: most frequent pair first, ties to the pair that sorts first."""
+    from vlkit.data.tokenizers import learn_merges
+
+    words = {("l", "o", "w</w>"): 5, ("l", "o", "w", "e", "r</w>"): 2, ("n", "e", "w", "e", "s", "t</w>"): 6,
+             ("w", "i", "d", "e", "s", "t</w>"): 3}
+    known = ["x"]
+    merges = learn_merges(words, 7, 2, known)  # stops at 7 symbols
+    assert merges == [("e", "s"), ("es", "t</w>"), ("l", "o"), ("e", "w"), ("ew", "est</w>"), ("n", "ewest</w>")]
+    assert known == ["x", "es", "est</w>", "lo", "ew", "ewest</w>", "newest</w>"]
+    everything = learn_merges(words, 100, 2, [])
+    assert everything[6:] == [("lo", "w</w>"), ("d", "est</w>"), ("i", "dest</w>"), ("w", "idest</w>"), ("e", "r</w>"),
+                              ("lo", "w"), ("low", "er</w>")]  # then no pair occurs twice: min_frequency stops it
+    assert len(learn_merges(words, 100, 7, [])) == 3  # counts 9, 9, 7
+
+
+BPE_IN_A_PROCESS = """
+import hashlib, sys
+from vlkit.data.world import WorldConfig, WorldDataset
+from vlkit.data.tokenizers import train_bpe
+ds = WorldDataset(WorldConfig(image_size=32), "train")
+tok = train_bpe([ds[i]["caption"] for i in range(400)], vocab_size=700)
+print(hashlib.sha256(tok.tokenizer.to_str().encode()).hexdigest())
+"""
+
+
+def test_trained_bpe_is_the_same_in_every_process_and_splits_as_tokenizers_trainer():
+    """tokenizers' BpeTrainer numbers equally frequent characters in hash-map order: another process,
+    other ids. train_bpe gives one tokenizer (hash seeds differ here), cutting text into the same tokens."""
+    import itertools
+    import os
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, models, trainers
+
+    from vlkit.data.tokenizers import CLIP_BOS, CLIP_EOS, _clip_pipeline, bytes_to_unicode
+
+    digests = {subprocess.run([sys.executable, "-c", BPE_IN_A_PROCESS], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(digests) == 1
+    captions = [WorldDataset(WorldConfig(image_size=32), "train")[i]["caption"] for i in range(400)]
+    ours = train_bpe(captions, vocab_size=700)
+    ref = _clip_pipeline(Tokenizer(models.BPE(end_of_word_suffix="</w>")))
+    coverage = " ".join(chr(c) for c in [*range(33, 127), *range(0x2080, 0x20C0)])  # as train_bpe: byte word ends
+    ref.train_from_iterator(itertools.chain([coverage], captions), trainers.BpeTrainer(
+        vocab_size=700, min_frequency=2, show_progress=False, special_tokens=["<pad>", CLIP_BOS, CLIP_EOS],
+        end_of_word_suffix="</w>", initial_alphabet=list(bytes_to_unicode().values())))
+    assert ours.vocab_size == ref.get_vocab_size(with_added_tokens=True)
+    for text in captions[:100] + TEXTS[:2]:
+        assert ours.tokenizer.encode(text).tokens == ref.encode(text).tokens
+
+
 def test_any_tokenizer_json_with_named_specials(tmp_path):
     clip_tokenizer().tokenizer.save(str(tmp_path / "tokenizer.json"))
     tok = TextTokenizer.from_file(tmp_path, bos="<start_of_text>", eos="<end_of_text>")

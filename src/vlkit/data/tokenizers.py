@@ -13,6 +13,7 @@ imported) and gives the ids of open_clip's ``SimpleTokenizer``.
 from __future__ import annotations
 
 import gzip
+import heapq
 import html
 import importlib.util
 import itertools
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
 
 CLIP_BOS, CLIP_EOS = "<start_of_text>", "<end_of_text>"
 CLIP_CONTEXT = 77
@@ -185,23 +186,87 @@ def clip_tokenizer(bpe_path: str | Path | None = None) -> TextTokenizer:
 def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> TextTokenizer:
     """A CLIP-style BPE (lower-cased, ``</w>`` word ends, byte-level alphabet) trained on ``texts``.
 
-    Ids: ``<pad>`` 0, ``<start_of_text>`` 1, ``<end_of_text>`` 2, then the byte characters (alone
-    and as word ends: any text encodes without loss) and the merges, up to ``vocab_size`` (>= 512).
+    Ids: ``<pad>`` 0, ``<start_of_text>`` 1, ``<end_of_text>`` 2, the 256 byte characters, the byte
+    characters that end a word (``"s</w>"``: any text encodes without loss), then the merges, most
+    frequent pair first (:func:`learn_merges`), up to ``vocab_size`` (>= 512) or until no pair occurs
+    ``min_frequency`` times. The same texts give the same tokenizer in any process: ``tokenizers``' own
+    trainer numbers characters of equal frequency in hash-map order, which changes from one process to
+    the next (and with it the ids, and which of two equally frequent pairs merges first).
     """
     if vocab_size < MIN_TRAINED_VOCAB:
         raise ValueError(f"vocab_size {vocab_size} < {MIN_TRAINED_VOCAB}: the byte alphabet, its word ends and "
                          "the special tokens alone take about 420 ids")
     tok = _clip_pipeline(Tokenizer(models.BPE(end_of_word_suffix="</w>")))
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-                                  special_tokens=["<pad>", CLIP_BOS, CLIP_EOS], end_of_word_suffix="</w>",
-                                  initial_alphabet=list(bytes_to_unicode().values()))
     # Every byte must also exist as a word end ("z</w>"), or an unseen final character is lost: one
     # line of single-character words ends in every ASCII byte and every UTF-8 continuation byte
     # (U+2080..U+20BF: uncased, so the lower-casing normaliser keeps all 64).
     coverage = " ".join(chr(c) for c in [*range(33, 127), *range(0x2080, 0x20C0)])
-    tok.train_from_iterator(itertools.chain([coverage], (clean_text(t) for t in texts)), trainer=trainer)
-    return TextTokenizer(tok, tok.token_to_id(CLIP_BOS), tok.token_to_id(CLIP_EOS), tok.token_to_id("<pad>"),
-                         clean=True, byte_words=True)
+    words: dict[str, int] = {}
+    for text in itertools.chain([coverage], (clean_text(t) for t in texts)):
+        for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)):
+            words[word] = words.get(word, 0) + 1
+    alphabet = list(bytes_to_unicode().values())
+    rank = {c: i for i, c in enumerate(alphabet)}
+    vocab = ["<pad>", CLIP_BOS, CLIP_EOS, *alphabet,
+             *(c + "</w>" for c in sorted({w[-1] for w in words}, key=rank.__getitem__))]
+    symbols = {(*w[:-1], w[-1] + "</w>"): n for w, n in words.items()}
+    merges = learn_merges(symbols, vocab_size, min_frequency, known=vocab)
+    tok.model = models.BPE(vocab={v: i for i, v in enumerate(vocab)}, merges=merges, end_of_word_suffix="</w>",
+                           fuse_unk=False)
+    tok.add_special_tokens([AddedToken(t, normalized=False) for t in vocab[:3]])
+    return TextTokenizer(tok, 1, 2, 0, clean=True, byte_words=True)
+
+
+def learn_merges(words: dict[tuple[str, ...], int], vocab_size: int, min_frequency: int,
+                 known: list[str]) -> list[tuple[str, str]]:
+    """BPE training (Sennrich et al. 2016): repeatedly merge the most frequent adjacent pair of symbols
+    over ``words`` (symbol tuples -> counts), ties to the pair that sorts first, appending each new symbol
+    to ``known`` (the vocabulary, in place) until it holds ``vocab_size`` symbols or the best pair occurs
+    fewer than ``min_frequency`` times. Pair counts are updated only in the words that hold the pair."""
+    seqs, counts = [list(w) for w in words], list(words.values())
+    pairs: dict[tuple[str, str], int] = {}
+    where: dict[tuple[str, str], set[int]] = {}
+    for i, seq in enumerate(seqs):
+        for p in zip(seq, seq[1:]):
+            pairs[p] = pairs.get(p, 0) + counts[i]
+            where.setdefault(p, set()).add(i)
+    heap = [(-n, p) for p, n in pairs.items()]
+    heapq.heapify(heap)
+    seen, merges = set(known), []
+    while len(known) < vocab_size and heap:
+        n, pair = heapq.heappop(heap)
+        if -n != pairs.get(pair, 0):
+            continue  # a stale entry: the pair's count changed since it was pushed
+        if -n < min_frequency:
+            break
+        merges.append(pair)
+        new = pair[0] + pair[1]
+        if new not in seen:
+            seen.add(new)
+            known.append(new)
+        changed = set()
+        for i in sorted(where.pop(pair)):
+            seq, c = seqs[i], counts[i]
+            merged, j = [], 0
+            while j < len(seq):
+                if j + 1 < len(seq) and (seq[j], seq[j + 1]) == pair:
+                    merged.append(new)
+                    j += 2
+                else:
+                    merged.append(seq[j])
+                    j += 1
+            for p in zip(seq, seq[1:]):
+                pairs[p] -= c
+                changed.add(p)
+            for p in zip(merged, merged[1:]):
+                pairs[p] = pairs.get(p, 0) + c
+                where.setdefault(p, set()).add(i)
+                changed.add(p)
+            seqs[i] = merged
+        for p in sorted(changed):
+            if pairs[p] > 0 and p != pair:
+                heapq.heappush(heap, (-pairs[p], p))
+    return merges
 
 
 GGUF_CONTROL = 3  # tokenizer.ggml.token_type of control (special) tokens
