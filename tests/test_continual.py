@@ -54,16 +54,68 @@ def test_methods_run_and_report(tmp_path, method):
     assert 0 <= doc["eval"]["test"]["avg_incremental_acc"] <= 100 and (run / "tasks.png").is_file()
 
 
-def test_killed_protocol_resumes_from_the_last_finished_task(tmp_path):
-    run = tmp_path / "dytox"
-    assert main(["train", "dytox_fmnist", *TINY, "--run-dir", str(run)]) == 0
-    full = json.loads((run / "eval.json").read_text())["matrix"]
+@pytest.mark.parametrize("lost, extra", [("task3", []),  # killed in the last task / after its steps, before its state
+                                         ("task3/state", ["divergence_weight=0.1", "memory_selection=herding"])])
+def test_killed_protocol_resumes_from_the_last_finished_task(tmp_path, lost, extra):
     import shutil
 
-    shutil.rmtree(run / "task3")  # as if killed before the last task finished
+    import vlkit
+
+    run = tmp_path / "dytox"
+    assert main(["train", "dytox_fmnist", *TINY, *extra, "--run-dir", str(run)]) == 0
+    full = json.loads((run / "eval.json").read_text())["matrix"]
+    memory = json.loads((run / "task3" / "state" / "state.json").read_text())["memory"]
+    shutil.rmtree(run / lost)  # as if killed before the last task finished
     (run / "eval.json").unlink()
-    assert main(["train", "dytox_fmnist", *TINY, "--run-dir", str(run), "--resume"]) == 0
+    assert main(["train", "dytox_fmnist", *TINY, *extra, "--run-dir", str(run), "--resume"]) == 0
     assert json.loads((run / "eval.json").read_text())["matrix"] == full
+    assert json.loads((run / "task3" / "state" / "state.json").read_text())["memory"] == memory
+    assert vlkit.load(run).classes_per_task == [2, 2, 2, 2]  # the divergence head is not part of the model
+
+
+def test_divergence_head_targets_and_loss():
+    from vlkit.models.dytox import WithDivergenceHead, divergence_targets
+    from vlkit.tasks.continual import ContinualConfig, classification_loss, objective_fn
+
+    assert divergence_targets(torch.tensor([0, 3, 4, 5, 2]), 4).tolist() == [0, 0, 1, 2, 0]
+    model = tiny_dytox()
+    model.add_task(3)
+    import copy
+
+    old = copy.deepcopy(model).eval()
+    model.add_task(2)
+    wrapped = WithDivergenceHead(model)
+    batch = {"image": torch.randn(4, 3, 16, 16), "label": torch.tensor([0, 3, 1, 4])}
+    out = wrapped(batch["image"])
+    assert out["div_logits"].shape == (4, 3) and out["logits"].shape == (4, 5)
+    cfg = ContinualConfig(divergence_weight=0.1)
+    res = objective_fn(old, cfg)(wrapped, batch)
+    div = classification_loss(out["div_logits"], torch.tensor([0, 1, 0, 2]))
+    torch.testing.assert_close(res["div"], div)
+    torch.testing.assert_close(res["loss"], res["ce"] + res["kd"] + 0.1 * div)
+    res["loss"].backward()  # while it trains, the head learns from the newest embedding only
+    assert wrapped.head[1].weight.grad.abs().sum() > 0 and model.task_tokens[1].grad.abs().sum() > 0
+    assert model.task_tokens[0].grad is None
+
+
+def test_herding_ranks_towards_the_class_mean_and_memory_shrinks_in_rank_order():
+    from vlkit.tasks.continual import _update_memory, herding
+
+    torch.manual_seed(0)
+    f = torch.randn(200, 8) + torch.tensor([2.0] + [0.0] * 7)
+    mean = torch.nn.functional.normalize(f, dim=-1).mean(0)
+    order = herding(f, 10)
+    assert len(set(order)) == 10 and order[0] == int((torch.nn.functional.normalize(f, dim=-1) - mean).norm(dim=-1).argmin())
+    assert herding(f, 10)[:4] == herding(f, 4)  # greedy: a longer ranking extends a shorter one
+    err = lambda idx: (torch.nn.functional.normalize(f[idx], dim=-1).mean(0) - mean).norm()  # noqa: E731
+    assert all(err(order) < err(torch.randperm(200)[:10].tolist()) for _ in range(20))
+    labels = torch.tensor([0] * 5 + [1] * 5 + [2] * 5 + [3] * 5)
+    memory = [3, 1, 4, 8, 6, 7]  # classes 0 and 1, three each, best first
+    ranked = {2: [14, 12, 10, 11], 3: [19, 15, 17]}
+    out = _update_memory(memory, labels, [0, 1, 2, 3], 8, seed=0, rank=lambda c: ranked[c])
+    assert out == [3, 1, 8, 6, 14, 12, 19, 15]
+    randomly = _update_memory(memory, labels, [0, 1, 2, 3], 8, seed=0)
+    assert len(randomly) == 8 and [int(labels[i]) for i in randomly] == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
 def test_saved_model_loads_predicts_and_eval_rebuilds_the_matrix(tmp_path, capsys):
@@ -108,6 +160,12 @@ def test_dytox_config_is_checked():
         from_dict(DyToxConfig, {"classes_per_task": [2, 0]})
     with pytest.raises(ConfigError, match="vit.num_classes"):
         from_dict(DyToxConfig, {"vit": {"num_classes": 10}})
+    from vlkit.tasks.continual import ContinualConfig
+
+    with pytest.raises(ConfigError, match="divergence_weight"):
+        from_dict(ContinualConfig, {"divergence_weight": -0.1})
+    with pytest.raises(ConfigError, match="memory_selection"):
+        from_dict(ContinualConfig, {"memory_selection": "nearest"})
 
 
 def test_bce_and_auto_kd_weighting():

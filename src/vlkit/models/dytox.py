@@ -6,7 +6,8 @@ seen so far, each giving a task-specialised embedding, and one classifier per ta
 (§3.2, "Task-specific classifiers"); the prediction concatenates all classifiers' logits. A new
 task adds a token and a classifier (:meth:`DyTox.add_task`, the dynamic expansion, §3.2); the
 previous tokens and classifiers are frozen, the shared parts keep training with distillation from
-the previous model (:func:`distillation_loss`, §3.3) and a rehearsal memory.
+the previous model (:func:`distillation_loss`, §3.3) and a rehearsal memory; from the second task on,
+an auxiliary divergence classifier (:class:`WithDivergenceHead`, §3.3) sharpens the newest embedding.
 """
 from __future__ import annotations
 
@@ -47,10 +48,7 @@ class DyTox(nn.Module):
         nn.init.trunc_normal_(token, std=0.02)
         device = next(self.parameters()).device
         self.task_tokens.append(nn.Parameter(token.to(device)))
-        head = nn.Sequential(nn.LayerNorm(self.dim), Linear(self.dim, num_classes)).to(device)
-        nn.init.trunc_normal_(head[1].weight, std=0.02)
-        nn.init.zeros_(head[1].bias)
-        self.heads.append(head)
+        self.heads.append(task_classifier(self.dim, num_classes).to(device))
         self.classes_per_task.append(num_classes)
 
     def forward(self, images: torch.Tensor) -> dict:
@@ -64,6 +62,36 @@ class DyTox(nn.Module):
             embeddings.append(self.tab(t, context=torch.cat([t, patches], dim=1))[:, 0])  # (B, D)
         logits = torch.cat([head(e) for head, e in zip(self.heads, embeddings)], dim=-1)
         return {"logits": logits, "embeddings": torch.stack(embeddings, 1)}
+
+
+def task_classifier(dim: int, num_classes: int) -> nn.Sequential:
+    """LayerNorm + linear, weights ~ N(0, 0.02) truncated, zero bias: each task's classifier."""
+    head = nn.Sequential(nn.LayerNorm(dim), Linear(dim, num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.02)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+class WithDivergenceHead(nn.Module):
+    """A DyTox plus its divergence classifier for the training of the newest task (§3.3, "Divergence
+    classifier"): a classifier on the newest task's embedding over that task's classes plus one class
+    standing for all the old ones (:func:`divergence_targets`), which pushes that embedding to hold what
+    tells the new classes from the old (weight 0.1 in the paper). It only exists while the task trains:
+    :attr:`dytox` is what is kept. forward(images) -> DyTox's dict + ``"div_logits"`` (B, new + 1)."""
+
+    def __init__(self, model: DyTox):
+        super().__init__()
+        self.dytox = model
+        self.head = task_classifier(model.dim, model.classes_per_task[-1] + 1).to(next(model.parameters()).device)
+
+    def forward(self, images: torch.Tensor) -> dict:
+        out = self.dytox(images)
+        return {**out, "div_logits": self.head(out["embeddings"][:, -1])}
+
+
+def divergence_targets(labels: torch.Tensor, num_old: int) -> torch.Tensor:
+    """Class ids -> the divergence classifier's: every old class (id < num_old) -> 0, new id c -> c - num_old + 1."""
+    return (labels - num_old + 1).clamp(min=0)
 
 
 @dataclass

@@ -5,9 +5,10 @@ classifies test images of every class seen so far (no task id given). Methods:
 
 - ``dytox``: DyTox (:mod:`vlkit.models.dytox`): a task token + classifier per task, knowledge
   distillation from the previous model (``auto_kd``: DyTox's weighting), a rehearsal memory of
-  ``memory_size`` training images and (``balanced_steps``) a short class-balanced finetuning of the
-  tokens and classifiers (``balanced_tab``: and the task-attention block) after each task; ``bce``:
-  DyTox's per-class binary cross-entropy in place of the softmax's;
+  ``memory_size`` training images (``memory_selection``: random or iCaRL's herding) and
+  (``balanced_steps``) a short class-balanced finetuning of the tokens and classifiers
+  (``balanced_tab``: and the task-attention block) after each task; ``bce``: DyTox's per-class binary
+  cross-entropy in place of the softmax's; ``divergence_weight``: DyTox's divergence classifier;
 - ``finetune``: the same model trained on each new task's data only (no memory, no distillation):
   the lower bound, catastrophic forgetting;
 - ``joint``: all classes at once for the whole budget: the upper bound.
@@ -26,7 +27,7 @@ import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,8 @@ from vlkit.checkpoints.io import load_state_dict_strict
 from vlkit.config import ConfigError, to_dict
 from vlkit.data.base import collate
 from vlkit.encoders.vit import ViTConfig
-from vlkit.models.dytox import DyTox, DyToxConfig, build_dytox, distillation_loss
+from vlkit.models.dytox import (DyTox, DyToxConfig, WithDivergenceHead, build_dytox, distillation_loss,
+                                divergence_targets)
 from vlkit.tasks.data import DataConfig, Subset, Splits, build_splits, eval_config, eval_dataset, train_dataset
 from vlkit.train import TrainConfig, Trainer
 from vlkit.train.distributed import device, is_main
@@ -63,6 +65,11 @@ class ContinualConfig:
     tab_heads: int = 4
     num_tasks: int = 5
     memory_size: int = 200  # rehearsal images kept over all seen classes (dytox)
+    # how a new class's exemplars are chosen: "random" (seeded; every class drawn again after each task) or
+    # "herding" (iCaRL, as DyTox: those whose running mean of task embeddings best follows the class mean;
+    # an old class keeps the first of its ranked exemplars when the memory per class shrinks)
+    memory_selection: Literal["random", "herding"] = "random"
+    divergence_weight: float = 0.0  # DyTox's divergence classifier from task 2 on (the paper: 0.1); 0 = off
     distill_weight: float = 1.0
     distill_temperature: float = 2.0
     # DyTox's auto_kd weighting: (1 - r) x classification + r x distillation, r = old / all classes
@@ -81,6 +88,8 @@ class ContinualConfig:
     def __post_init__(self):
         if self.num_tasks < 1:
             raise ConfigError("num_tasks", f"must be >= 1, got {self.num_tasks}")
+        if self.divergence_weight < 0:
+            raise ConfigError("divergence_weight", f"must be >= 0, got {self.divergence_weight}")
         DyToxConfig(self.vit, self.tab_heads)  # the model's own checks (vit.num_classes), at recipe time
 
 
@@ -110,9 +119,15 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, bce: bool = 
 
 def objective_fn(old: DyTox | None, cfg: ContinualConfig):
     def objective(model: nn.Module, batch: dict) -> dict:
-        logits = model(batch["image"])["logits"]
+        outputs = model(batch["image"])
+        logits = outputs["logits"]
         out = {"ce": classification_loss(logits, batch["label"], cfg.bce)}
         loss = out["ce"]
+        if "div_logits" in outputs:  # WithDivergenceHead: new classes vs "old", on the newest embedding
+            num_old = logits.shape[-1] - (outputs["div_logits"].shape[-1] - 1)
+            out["div"] = classification_loss(outputs["div_logits"], divergence_targets(batch["label"], num_old),
+                                             cfg.bce)
+            loss = loss + cfg.divergence_weight * out["div"]
         if old is not None and cfg.method == "dytox" and (cfg.distill_weight or cfg.auto_kd):
             with torch.no_grad():
                 old_logits = old(batch["image"])["logits"]
@@ -153,15 +168,59 @@ def summarise(matrix: list[list[float]], sizes: list[int]) -> dict:
             "matrix": matrix}
 
 
-def _update_memory(memory: list[int], labels: torch.Tensor, seen: list[int], size: int, seed: int) -> list[int]:
-    """Random exemplars (seeded), ``size // len(seen)`` per seen class."""
+def _update_memory(memory: list[int], labels: torch.Tensor, seen: list[int], size: int, seed: int,
+                   rank: Callable[[int], list[int]] | None = None) -> list[int]:
+    """``size // len(seen)`` exemplars per seen class: random ones (seeded, every class drawn again), or with
+    ``rank`` (class -> its training images, best first: herding) the first of a new class's ranking and the
+    first of an old class's exemplars kept so far (they are stored in rank order)."""
     per_class = size // max(1, len(seen))
+    if rank is not None:
+        kept = {c: [i for i in memory if labels[i] == c] for c in seen}
+        return sum((kept[c][:per_class] if kept[c] else rank(c)[:per_class] for c in seen), [])
     g = torch.Generator().manual_seed(seed)
     out = []
     for c in seen:
         pool = (labels == c).nonzero()[:, 0]
         out += pool[torch.randperm(len(pool), generator=g)[:per_class]].tolist()
     return out
+
+
+def herding(features: torch.Tensor, k: int) -> list[int]:
+    """iCaRL's exemplar ranking (Rebuffi et al. 2017, Alg. 4): features (n, d), L2-normalised here -> the
+    indices of k of them, each chosen so that the mean of those chosen so far is closest to the class mean."""
+    f = F.normalize(features.double(), dim=-1)
+    mean, total = f.mean(0), torch.zeros_like(f[0])
+    chosen: list[int] = []
+    free = torch.ones(len(f), dtype=torch.bool)
+    for i in range(min(k, len(f))):
+        dist = ((mean - (total + f) / (i + 1)) ** 2).sum(-1).masked_fill(~free, float("inf"))
+        j = int(dist.argmin())
+        chosen.append(j)
+        free[j] = False
+        total += f[j]
+    return chosen
+
+
+def _herding_rank(model: DyTox, splits: Splits, labels: torch.Tensor, cfg: ContinualConfig, k: int):
+    """class -> up to k of its training images ranked by :func:`herding` on the model's task embeddings
+    (all tasks' concatenated: what the classifiers read), without augmentation; unreadable images are
+    left out (the data's skip count)."""
+    def batches(samples: list) -> tuple[dict, list[bool]]:
+        return collate(samples), [s is not None for s in samples]
+
+    @torch.no_grad()
+    def rank(c: int) -> list[int]:
+        pool = (labels == c).nonzero()[:, 0].tolist()
+        model.eval()
+        feats, readable = [], []
+        for batch, ok in DataLoader(eval_dataset(Subset(splits.train, pool), cfg.data),
+                                    batch_size=cfg.eval_batch_size, collate_fn=batches):
+            readable += ok
+            if "image" in batch:
+                feats.append(model(batch["image"].to(device()))["embeddings"].flatten(1).cpu())
+        pool = [i for i, ok in zip(pool, readable) if ok]
+        return [pool[i] for i in herding(torch.cat(feats), k)] if feats else []
+    return rank
 
 
 def _save_state(folder: Path, model: DyTox, memory: list[int], matrix: list) -> None:
@@ -197,7 +256,10 @@ def train(cfg: ContinualConfig, run_dir: str | Path | None = None, resume: bool 
         matrix.append(_score(model, splits, test_labels, tasks[:t + 1], cfg))
         log.info("after task %d: accuracy per task %s", t, [f"{a:.1f}" for a in matrix[-1]])
         if cfg.method == "dytox" and cfg.memory_size:
-            memory = _update_memory(memory, labels, sum(tasks[:t + 1], []), cfg.memory_size, cfg.train.seed + t)
+            seen = sum(tasks[:t + 1], [])
+            rank = (_herding_rank(model, splits, labels, cfg, cfg.memory_size // len(seen))
+                    if cfg.memory_selection == "herding" else None)
+            memory = _update_memory(memory, labels, seen, cfg.memory_size, cfg.train.seed + t, rank)
         _save_state(state, model, memory, matrix)
         old = _frozen_copy(model)
     doc = _eval_doc(matrix, tasks)
@@ -267,9 +329,12 @@ def _learn_task(model, old, cfg, splits, labels, classes, memory, task_dir, resu
     if not cfg.train.max_steps:
         raise ConfigError("train.max_steps", "set the optimizer steps per task (epochs are not used here)")
     steps = cfg.train.max_steps * (cfg.num_tasks if cfg.method == "joint" else 1)
-    trainer = Trainer(model, objective_fn(old, cfg), data, replace(cfg.train, max_steps=steps, epochs=0), task_dir)
+    divergence = cfg.method == "dytox" and cfg.divergence_weight > 0 and old is not None
+    trained = WithDivergenceHead(model) if divergence else model
+    trainer = Trainer(trained, objective_fn(old, cfg), data, replace(cfg.train, max_steps=steps, epochs=0), task_dir)
     trainer.fit(resume=resume)
-    return trainer.final_model()
+    final = trainer.final_model()
+    return final.dytox if divergence else final
 
 
 def _balanced_finetune(model, cfg, splits, labels, classes, memory, task_dir, resume, seed):
