@@ -186,12 +186,13 @@ def test_bce_and_auto_kd_weighting():
             p.add_(0.05 * torch.randn_like(p))
     batch = {"image": torch.randn(4, 3, 16, 16), "label": torch.tensor([0, 3, 1, 3])}
     out = objective_fn(old, ContinualConfig(auto_kd=True, bce=True))(model, batch)
-    torch.testing.assert_close(out["loss"], 0.25 * out["ce"] + 0.75 * out["kd"])
+    assert "ce" not in out  # logged under the loss's own name
+    torch.testing.assert_close(out["loss"], 0.25 * out["bce"] + 0.75 * out["kd"])
     alone = objective_fn(old, ContinualConfig(auto_kd=True, bce=True, distill_weight=0.0))(model, batch)
     torch.testing.assert_close(alone["loss"], out["loss"])  # auto_kd distils whatever distill_weight says
     fixed = objective_fn(old, ContinualConfig(distill_weight=0.5))(model, batch)
     torch.testing.assert_close(fixed["loss"], fixed["ce"] + 0.5 * fixed["kd"])
-    assert out["kd"] > 0 and not torch.allclose(out["ce"], fixed["ce"])  # bce vs softmax CE
+    assert out["kd"] > 0 and not torch.allclose(out["bce"], fixed["ce"])  # bce vs softmax CE
 
 
 @pytest.mark.parametrize("tab", [False, True])

@@ -97,7 +97,9 @@ def test_linear_with_few_rows_matches_torch_forward_and_backward(rows):
     torch.testing.assert_close(lin.weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-5)
 
 
-def test_linear_matches_torch_forward_and_backward():
+@pytest.mark.parametrize("onednn_weight_grad", [True, False])  # dW by oneDNN (AVX-512 CPUs) or by MKL
+def test_linear_matches_torch_forward_and_backward(onednn_weight_grad, monkeypatch):
+    monkeypatch.setattr(layers, "ONEDNN_WEIGHT_GRAD", onednn_weight_grad)
     lin = Linear(12, 20)
     x = torch.randn(4, 20, 12, requires_grad=True)  # 80 rows >= ONEDNN_MIN_ROWS
     ref = nn.Linear(12, 20)
@@ -134,6 +136,7 @@ def test_linear_backward_gives_onednn_dense_gradients(loss, monkeypatch):
         return real(x, weight, bias)
 
     monkeypatch.setattr(layers, "_onednn_mm", spy)
+    monkeypatch.setattr(layers, "ONEDNN_WEIGHT_GRAD", True)  # as on AVX-512 CPUs
     lin, ref = Linear(12, 20), nn.Linear(12, 20)
     ref.load_state_dict(lin.state_dict())
     x = torch.randn(80, 12, requires_grad=True)

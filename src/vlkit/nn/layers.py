@@ -2,7 +2,9 @@
 
 - :class:`Linear`: ``nn.Linear`` (same parameters, same state dict) whose fp32 CPU matmuls run
   through oneDNN, forward and backward. On AVX-512 CPUs where MKL's sgemm does not use its best
-  kernels (e.g. AMD EPYC) this is about 1.5-2x faster per GEMM; elsewhere it is on par. It
+  kernels (e.g. AMD EPYC) this is about 1.5-2x faster per GEMM; elsewhere it is on par. On
+  AVX2-only CPUs the weight gradient stays with MKL (:data:`ONEDNN_WEIGHT_GRAD`): there oneDNN's is
+  1.3-1.5x slower, its forward 1.1-1.2x faster (ViT-Ti train step: 1.01x HF instead of 0.95x). It
   packs the weight on every call, which only pays off for many rows: below
   :data:`ONEDNN_MIN_ROWS` it computes ``(W @ x^T)^T`` instead: for a few rows (decoding, batched
   decoding, speculative verification) that product streams the weight once where ``F.linear``'s
@@ -28,6 +30,12 @@ from torch.autograd.function import once_differentiable
 ONEDNN_LINEAR = (os.environ.get("VLKIT_ONEDNN_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
                  and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
+
+# oneDNN's weight-gradient GEMM (x^T dy) beats MKL's on AVX-512 CPUs only: on an AVX2-only EPYC (Zen 3) MKL's
+# takes 0.6-0.7x its time (ViT-Ti's 6304 x 192 -> 768: 18 vs 26 ms), while oneDNN stays ahead for the forward
+# (``VLKIT_ONEDNN_WEIGHT_GRAD=1`` / ``0`` chooses either on any CPU)
+ONEDNN_WEIGHT_GRAD = {"1": True, "0": False}.get(os.environ.get("VLKIT_ONEDNN_WEIGHT_GRAD", "auto"),
+                                                 torch.backends.cpu.get_cpu_capability() == "AVX512")
 
 ONEDNN_MIN_ROWS = 64  # fewer rows (x.numel() / in_features) than this: (W @ x^T)^T
 
@@ -60,7 +68,10 @@ class _OneDNNLinear(torch.autograd.Function):
             grad_x = _onednn_mm(grad, weight.t(), None)  # (..., in)
         if ctx.needs_input_grad[1]:
             x_2d = x.reshape(-1, x.shape[-1])  # (N, in)
-            grad_w = _onednn_mm(x_2d.t(), grad_2d.t(), None).t().contiguous()  # (out, in)
+            if ONEDNN_WEIGHT_GRAD:
+                grad_w = _onednn_mm(x_2d.t(), grad_2d.t(), None).t().contiguous()  # (out, in)
+            else:
+                grad_w = grad_2d.t() @ x_2d
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_2d.sum(0)
         return grad_x, grad_w, grad_b

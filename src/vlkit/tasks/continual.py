@@ -121,8 +121,9 @@ def objective_fn(old: DyTox | None, cfg: ContinualConfig):
     def objective(model: nn.Module, batch: dict) -> dict:
         outputs = model(batch["image"])
         logits = outputs["logits"]
-        out = {"ce": classification_loss(logits, batch["label"], cfg.bce)}
-        loss = out["ce"]
+        name = "bce" if cfg.bce else "ce"  # the logged loss says which one it is
+        out = {name: classification_loss(logits, batch["label"], cfg.bce)}
+        loss = out[name]
         if "div_logits" in outputs:  # WithDivergenceHead: new classes vs "old", on the newest embedding
             num_old = logits.shape[-1] - (outputs["div_logits"].shape[-1] - 1)
             out["div"] = classification_loss(outputs["div_logits"], divergence_targets(batch["label"], num_old),
