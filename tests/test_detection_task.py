@@ -144,6 +144,12 @@ def test_backbone_init_starts_detr_and_segmenter_from_a_vit_classifier(tmp_path)
     (tmp_path / "cls" / "model.safetensors").unlink()  # the detector no longer needs it
     saved = vlkit.load(run).backbone.encoder.state_dict()
     assert all(torch.equal(saved[k], v) for k, v in state.items()) and len(saved) == len(state)
+    # nor does resuming it: the ViT comes from the run's config.yaml, its weights from the checkpoint
+    assert main(["train", "detr_world", *TINY, "train.max_steps=6", f"backbone_init={tmp_path / 'cls'}", frozen,
+                 "--run-dir", str(run), "--resume"]) == 0
+    assert json.loads((run / "eval.json").read_text())["train"]["resumed_from_step"] == 4
+    saved = vlkit.load(run).backbone.encoder.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in state.items())
     seg = tmp_path / "seg"
     save_model(classifier, tmp_path / "cls", "classifier", cls_cfg)
     from test_segmentation import TINY as SEG_TINY

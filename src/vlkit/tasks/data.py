@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -180,8 +181,6 @@ SCENE_EVAL_OVERRIDABLE = ("eval_limit", "eval_batch_size", "world.", "coco_val",
 def eval_config(cls: type, run, overrides, allowed: tuple[str, ...]):
     """The recipe a run was trained with (``run/config.yaml``), for ``vlkit eval``: the model is the saved
     one, so only the data and evaluation keys starting with ``allowed`` may be overridden."""
-    from pathlib import Path
-
     from vlkit.config import load_config
 
     check_eval_overrides(overrides, allowed, cls.__name__)
@@ -205,19 +204,29 @@ def rescore_scenes(run, overrides, cls: type, split, evaluate) -> dict:
     return {"eval": {s: evaluate(model, split(cfg, s, False), cfg) for s in scene_eval_splits(cfg)}}
 
 
-def pretrained_vit(cfg):
+def pretrained_vit(cfg, resume_dir: str | Path | None = None):
     """(recipe, weights) for a scene recipe whose ViT starts from ``cfg.backbone_init`` (a vlkit ViT
     classifier run, a CLIP run's image tower or a Segmenter run's encoder): ``cfg.vit`` becomes that
     ViT's configuration without a head (``vit.*`` overrides are replaced, its regularisation kept), so
     the saved detector or segmenter rebuilds without the pretrained run; the weights are for its
-    encoder (``load_state_dict_strict``). Without ``backbone_init``: (cfg, None)."""
+    encoder (``load_state_dict_strict``). Without ``backbone_init``: (cfg, None). ``resume_dir``: a run
+    being resumed from a checkpoint of the same ``backbone_init`` takes the ViT of its config.yaml and
+    no weights (the checkpoint holds them): the pretrained run need not be there any more."""
     if not cfg.backbone_init:
         return cfg, None
     from dataclasses import replace
 
     from vlkit.checkpoints.hub import load
-    from vlkit.encoders.vit import VisionTransformer
+    from vlkit.config import from_dict, read_yaml
+    from vlkit.encoders.vit import VisionTransformer, ViTConfig
+    from vlkit.train.checkpoint import find_latest
 
+    saved = Path(resume_dir or "") / "config.yaml"
+    if resume_dir is not None and saved.is_file() and find_latest(resume_dir) is not None:
+        data = read_yaml(saved)
+        if data.get("backbone_init") == cfg.backbone_init:
+            log.info("resuming: the backbone's ViT from %s, its weights from the checkpoint", saved)
+            return replace(cfg, vit=from_dict(ViTConfig, data["vit"], "vit")), None
     model = load(cfg.backbone_init)
     encoder = getattr(model, "visual", getattr(model, "encoder", model))  # CLIP's tower, Segmenter's encoder
     if not isinstance(encoder, VisionTransformer) or encoder.cfg.embed != "patch":

@@ -141,7 +141,7 @@ def train(cfg: DetectionConfig, run_dir: str | Path | None = None, resume: bool 
     """Train and evaluate; returns ``{"run_dir", "summary", "eval"}`` (eval on the main process)."""
     run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg, backbone_state = pretrained_vit(cfg)
+    cfg, backbone_state = pretrained_vit(cfg, run_dir if resume else None)
     if is_main():
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     torch.manual_seed(cfg.train.seed)

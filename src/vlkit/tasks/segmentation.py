@@ -116,7 +116,7 @@ def _split(cfg: SegmentationConfig, name: str, train: bool) -> TransformedDatase
 def train(cfg: SegmentationConfig, run_dir: str | Path | None = None, resume: bool = False) -> dict:
     run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg, encoder_state = pretrained_vit(cfg)
+    cfg, encoder_state = pretrained_vit(cfg, run_dir if resume else None)
     if is_main():
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     torch.manual_seed(cfg.train.seed)
