@@ -204,6 +204,28 @@ def rescore_scenes(run, overrides, cls: type, split, evaluate) -> dict:
     return {"eval": {s: evaluate(model, split(cfg, s, False), cfg) for s in scene_eval_splits(cfg)}}
 
 
+def start_scene_run(cfg, run_dir: str | Path | None, resume: bool, build, encoder_of):
+    """The start of a DETR / Segmenter run -> (recipe, run folder, model): the folder made, the recipe
+    (its ViT from ``backbone_init``, :func:`pretrained_vit`) saved there as config.yaml, the model
+    ``build(cfg)`` from the seed, and the pretrained weights loaded into ``encoder_of(model)``."""
+    import yaml
+
+    from vlkit.checkpoints.io import load_state_dict_strict
+    from vlkit.config import to_dict
+    from vlkit.train.distributed import is_main
+
+    run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg, state = pretrained_vit(cfg, run_dir if resume else None)
+    if is_main():
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    torch.manual_seed(cfg.train.seed)
+    model = build(cfg)
+    if state is not None:
+        load_state_dict_strict(encoder_of(model), state, source=cfg.backbone_init)
+    return cfg, run_dir, model
+
+
 def pretrained_vit(cfg, resume_dir: str | Path | None = None):
     """(recipe, weights) for a scene recipe whose ViT starts from ``cfg.backbone_init`` (a vlkit ViT
     classifier run, a CLIP run's image tower or a Segmenter run's encoder): ``cfg.vit`` becomes that

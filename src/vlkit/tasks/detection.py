@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vlkit.checkpoints.io import load_state_dict_strict
-from vlkit.config import ConfigError, to_dict
+from vlkit.config import ConfigError
 from vlkit.data.base import TransformedDataset, collate
 from vlkit.data.transforms import TransformConfig
 from vlkit.data.world import WorldConfig
@@ -28,7 +26,7 @@ from vlkit.encoders.vit import ViTConfig, VisionTransformer
 from vlkit.eval.detection import coco_map
 from vlkit.losses.set_criterion import HungarianMatcher, SetCriterion
 from vlkit.models.detr import DETR, DETRConfig, FeatureMap, postprocess
-from vlkit.tasks.data import pretrained_vit, rescore_scenes, scene_eval_splits, scene_split
+from vlkit.tasks.data import rescore_scenes, scene_eval_splits, scene_split, start_scene_run
 from vlkit.train import TrainConfig, Trainer
 from vlkit.train.distributed import is_main
 
@@ -139,15 +137,7 @@ def _split(cfg: DetectionConfig, name: str, train: bool) -> TransformedDataset:
 
 def train(cfg: DetectionConfig, run_dir: str | Path | None = None, resume: bool = False) -> dict:
     """Train and evaluate; returns ``{"run_dir", "summary", "eval"}`` (eval on the main process)."""
-    run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg, backbone_state = pretrained_vit(cfg, run_dir if resume else None)
-    if is_main():
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    torch.manual_seed(cfg.train.seed)
-    model = build_detr(cfg)
-    if backbone_state is not None:
-        load_state_dict_strict(model.backbone.encoder, backbone_state, source=cfg.backbone_init)
+    cfg, run_dir, model = start_scene_run(cfg, run_dir, resume, build_detr, lambda m: m.backbone.encoder)
     val = _split(cfg, "val", train=False) if scene_eval_splits(cfg) else None
     train_data = _split(cfg, "train", train=True)
     trainer = Trainer(model, objective_fn(build_criterion(cfg)), train_data, cfg.train,

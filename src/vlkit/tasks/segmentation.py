@@ -11,19 +11,17 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vlkit.checkpoints.io import load_state_dict_strict
-from vlkit.config import ConfigError, to_dict
+from vlkit.config import ConfigError
 from vlkit.data.base import TransformedDataset, collate
 from vlkit.data.transforms import TransformConfig
 from vlkit.data.world import WorldConfig
 from vlkit.encoders.vit import ViTConfig, VisionTransformer
 from vlkit.eval.segmentation import ConfusionMatrix
 from vlkit.models.segmenter import LinearDecoder, MaskTransformer, Segmenter
-from vlkit.tasks.data import pretrained_vit, rescore_scenes, scene_eval_splits, scene_split
+from vlkit.tasks.data import rescore_scenes, scene_eval_splits, scene_split, start_scene_run
 from vlkit.train import TrainConfig, Trainer
 from vlkit.train.distributed import is_main
 
@@ -114,15 +112,7 @@ def _split(cfg: SegmentationConfig, name: str, train: bool) -> TransformedDatase
 
 
 def train(cfg: SegmentationConfig, run_dir: str | Path | None = None, resume: bool = False) -> dict:
-    run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg, encoder_state = pretrained_vit(cfg, run_dir if resume else None)
-    if is_main():
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    torch.manual_seed(cfg.train.seed)
-    model = build_segmenter(cfg)
-    if encoder_state is not None:
-        load_state_dict_strict(model.encoder, encoder_state, source=cfg.backbone_init)
+    cfg, run_dir, model = start_scene_run(cfg, run_dir, resume, build_segmenter, lambda m: m.encoder)
     val = _split(cfg, "val", train=False) if scene_eval_splits(cfg) else None
     eval_fn = (lambda m: {k: v for k, v in evaluate(m, val, cfg).items() if not k.startswith("iou_")}) \
         if val is not None else None
