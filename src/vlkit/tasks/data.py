@@ -243,8 +243,8 @@ def pretrained_vit(cfg, resume_dir: str | Path | None = None):
     from vlkit.encoders.vit import VisionTransformer, ViTConfig
     from vlkit.train.checkpoint import find_latest
 
-    saved = Path(resume_dir or "") / "config.yaml"
-    if resume_dir is not None and saved.is_file() and find_latest(resume_dir) is not None:
+    saved = Path(resume_dir) / "config.yaml" if resume_dir is not None else None
+    if saved is not None and saved.is_file() and find_latest(resume_dir) is not None:
         data = read_yaml(saved)
         if data.get("backbone_init") == cfg.backbone_init:
             log.info("resuming: the backbone's ViT from %s, its weights from the checkpoint", saved)
