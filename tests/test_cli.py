@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from vlkit.cli import load_recipe, main
@@ -82,6 +83,7 @@ def test_quickstart_tiny_writes_the_report(tmp_path, capsys):
     for needle in ("| test |", "curves.png", "predictions.png", "attention.png", "Teacher", "| compositional |",
                    "clip/retrieval.png", "zero_shot_top1", "vlm/samples.png", "CIDEr", "vqa_accuracy"):
         assert needle in report
+    assert f"{torch.backends.cpu.get_cpu_capability()})," in report.splitlines()[2]  # the CPU the times are from
     for name in ("curves.png", "predictions.png", "attention.png"):
         assert (tmp_path / "qs" / "deit" / name).read_bytes()[:4] == b"\x89PNG"
     for name in ("curves.png", "retrieval.png"):
