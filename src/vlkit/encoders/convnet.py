@@ -286,7 +286,7 @@ class EfficientNetLite(nn.Module):
 
     def _stem(self, images: torch.Tensor) -> torch.Tensor:
         x = self.normalize(images)
-        if x.device.type == "cpu":  # oneDNN's convolutions on NHWC: 1.2x (inference) to 1.4x (training) faster
+        if x.device.type == "cpu":  # oneDNN's convolutions on NHWC: 1.34x (inference) and 1.07x (training) faster
             x = x.contiguous(memory_format=torch.channels_last)  # (the layers keep the format)
         return self.act(self.bn1(self.conv_stem(x)))  # (B, stem_chs, H / 2, W / 2)
 
