@@ -100,6 +100,8 @@ def test_linear_with_few_rows_matches_torch_forward_and_backward(rows):
 @pytest.mark.parametrize("onednn_weight_grad", [True, False])  # dW by oneDNN (AVX-512 CPUs) or by MKL
 def test_linear_matches_torch_forward_and_backward(onednn_weight_grad, monkeypatch):
     monkeypatch.setattr(layers, "ONEDNN_WEIGHT_GRAD", onednn_weight_grad)
+    calls, real = [], layers._onednn_mm
+    monkeypatch.setattr(layers, "_onednn_mm", lambda *a: calls.append(1) or real(*a))
     lin = Linear(12, 20)
     x = torch.randn(4, 20, 12, requires_grad=True)  # 80 rows >= ONEDNN_MIN_ROWS
     ref = nn.Linear(12, 20)
@@ -111,8 +113,11 @@ def test_linear_matches_torch_forward_and_backward(onednn_weight_grad, monkeypat
         assert "OneDNN" not in type(lin(x[:1, :3]).grad_fn).__name__  # a few rows (decoding): (W @ x^T)^T
     torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(y)
+    calls.clear()
     y.backward(g)
     yr.backward(g)
+    if layers.ONEDNN_LINEAR:  # dx always by oneDNN, dW by oneDNN or MKL as chosen
+        assert len(calls) == (2 if onednn_weight_grad else 1)
     torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lin.weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(lin.bias.grad, ref.bias.grad, atol=1e-5, rtol=1e-5)
