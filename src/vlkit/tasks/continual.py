@@ -205,22 +205,18 @@ def herding(features: torch.Tensor, k: int) -> list[int]:
 def _herding_rank(model: DyTox, splits: Splits, labels: torch.Tensor, cfg: ContinualConfig, k: int):
     """class -> up to k of its training images ranked by :func:`herding` on the model's task embeddings
     (all tasks' concatenated: what the classifiers read), without augmentation; unreadable images are
-    left out (the data's skip count)."""
-    def batches(samples: list) -> tuple[dict, list[bool]]:
-        return collate(samples), [s is not None for s in samples]
-
+    left out (``collate`` drops and counts them; ``index`` locates the rest in the class's pool)."""
     @torch.no_grad()
     def rank(c: int) -> list[int]:
         pool = (labels == c).nonzero()[:, 0].tolist()
         model.eval()
         feats, readable = [], []
-        for batch, ok in DataLoader(eval_dataset(Subset(splits.train, pool), cfg.data),
-                                    batch_size=cfg.eval_batch_size, collate_fn=batches):
-            readable += ok
+        for batch in DataLoader(eval_dataset(Subset(splits.train, pool), cfg.data),
+                                batch_size=cfg.eval_batch_size, collate_fn=collate):
             if "image" in batch:
+                readable += [pool[i] for i in batch["index"].tolist()]
                 feats.append(model(batch["image"].to(device()))["embeddings"].flatten(1).cpu())
-        pool = [i for i, ok in zip(pool, readable) if ok]
-        return [pool[i] for i in herding(torch.cat(feats), k)] if feats else []
+        return [readable[i] for i in herding(torch.cat(feats), k)] if feats else []
     return rank
 
 
