@@ -118,6 +118,44 @@ def test_herding_ranks_towards_the_class_mean_and_memory_shrinks_in_rank_order()
     assert len(randomly) == 8 and [int(labels[i]) for i in randomly] == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
+def test_herding_rank_leaves_unreadable_images_out():
+    from dataclasses import replace
+
+    import numpy as np
+    from PIL import Image
+
+    from vlkit.data.transforms import build_transform
+    from vlkit.tasks.continual import ContinualConfig, _herding_rank, herding
+    from vlkit.tasks.data import Splits
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            if i in (3, 8, 21):  # unreadable
+                return None
+            pixels = np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+            return {"image": Image.fromarray(pixels), "label": i % 2}
+
+    labels = torch.tensor([i % 2 for i in range(40)])
+    model = tiny_dytox()
+    model.add_task(2)
+    cfg = ContinualConfig(eval_batch_size=7)  # batches of readable and unreadable images mixed
+    cfg = replace(cfg, data=replace(cfg.data, transform=replace(cfg.data.transform, image_size=16, crop_pct=1.0)))
+    rank = _herding_rank(model, Splits(train=Images(), val=None, test=None, classes=["a", "b"], source="x"),
+                         labels, cfg, 6)
+    for c in (0, 1):
+        ranked = rank(c)
+        readable = [i for i in range(40) if i % 2 == c and i not in (3, 8, 21)]
+        assert len(ranked) == 6 and set(ranked) <= set(readable)
+        data = [Images()[i]["image"] for i in readable]  # the ranking is herding's on the readable ones
+        x = torch.stack([build_transform(cfg.data.transform, train=False)(im, None) for im in data])
+        with torch.no_grad():
+            feats = model.eval()(x)["embeddings"].flatten(1)
+        assert ranked == [readable[i] for i in herding(feats, 6)]
+
+
 def test_saved_model_loads_predicts_and_eval_rebuilds_the_matrix(tmp_path, capsys):
     from PIL import Image
     from safetensors.torch import load_file
