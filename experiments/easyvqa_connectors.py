@@ -23,7 +23,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_ROWS = ["linear", "mlp", "avgpool4", "clipcap", "clipcap_stages", "resampler8", "resampler64", "qformer", "cabstractor", "flamingo",
-            "epalm"]
+            "epalm", "idefics2"]
 
 
 def recipe(row: str) -> str:

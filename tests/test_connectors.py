@@ -79,3 +79,48 @@ def test_clipcap_maps_one_global_embedding_to_a_prefix():
         assert not torch.allclose(out[:, 0], out[:, 1])  # K different prefix tokens
     with pytest.raises(ValueError, match="divisible"):
         build_connector(ConnectorConfig(kind="clipcap", depth=1, num_heads=3), 24, 40)
+
+
+def _hf_idefics2_connector(in_dim, hidden, intermediate, latents, depth, heads, kv_heads, head_dim):
+    from transformers import Idefics2Config
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2Connector as HFConnector
+    cfg = Idefics2Config(
+        vision_config={"hidden_size": in_dim, "intermediate_size": 2 * in_dim, "num_hidden_layers": 1,
+                       "num_attention_heads": 2},
+        text_config={"model_type": "mistral", "hidden_size": hidden, "intermediate_size": intermediate,
+                     "num_hidden_layers": 1, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+                     "hidden_act": "silu"},
+        perceiver_config={"hidden_size": hidden, "resampler_n_latents": latents, "resampler_depth": depth,
+                          "resampler_n_heads": heads, "num_key_value_heads": kv_heads, "resampler_head_dim": head_dim,
+                          "rms_norm_eps": 1e-6})
+    cfg.perceiver_config._attn_implementation = "eager"
+    return HFConnector(cfg).eval()
+
+
+def test_idefics2_connector_equals_transformers_with_the_same_weights():
+    """Modality projection + GQA Perceiver resampler = transformers' Idefics2Connector, padded visual tokens too."""
+    from vlkit.connectors.idefics2 import idefics2_state_from_hf
+    torch.manual_seed(0)
+    hf = _hf_idefics2_connector(24, 32, 48, latents=5, depth=2, heads=4, kv_heads=2, head_dim=12)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2)  # latents and norms off their constant initialisation
+    cfg = ConnectorConfig(kind="idefics2", num_tokens=5, depth=2, num_heads=4, kv_heads=2, head_dim=12)
+    ours = build_connector(cfg, 24, 32, lm_intermediate=48).eval()
+    missing, unexpected = ours.load_state_dict(idefics2_state_from_hf(hf.state_dict()), strict=True)
+    assert not missing and not unexpected
+    x = torch.randn(3, 10, 24)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1, 6:] = 0  # an image with 4 padding patches
+    with torch.no_grad():
+        expected = hf(x, attention_mask=mask)
+        got = ours(x, mask)
+        assert got.shape == (3, 5, 32)
+        assert (got - expected).abs().max() < 1e-5
+        assert not torch.allclose(got[1], ours(x)[1], atol=1e-3)  # the mask matters
+        assert torch.allclose(got[0], ours(x)[0], atol=1e-6)  # and only where there is padding
+
+
+def test_idefics2_connector_rejects_heads_not_grouping():
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        build_connector(ConnectorConfig(kind="idefics2", num_heads=4, kv_heads=3), 8, 16)

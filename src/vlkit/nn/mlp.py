@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlkit.nn.layers import Linear
@@ -28,3 +29,17 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate x) * up x) (Shazeer 2020; Llama's feed-forward), gate and up fused in one matmul:
+    (B, T, in_features) -> (B, T, out_features). ``fc.weight`` is [gate; up]."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None, bias: bool = False):
+        super().__init__()
+        self.fc = Linear(in_features, 2 * hidden_features, bias=bias)
+        self.proj = Linear(hidden_features, out_features or in_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * up)

@@ -300,7 +300,8 @@ def build_vlm(cfg: VLMConfig) -> VLM:
     probe = VLM(vision, torch.nn.Identity(), decoder, cfg.injection, image_id, 1)
     with torch.no_grad():
         feats = probe.features(torch.zeros(1, 3, cfg.transform.image_size, cfg.transform.image_size))
-    connector = build_connector(cfg.connector, feats.shape[-1], decoder.cfg.hidden_size)
+    connector = build_connector(cfg.connector, feats.shape[-1], decoder.cfg.hidden_size,
+                                decoder.cfg.intermediate_size)
     text = (torch.zeros(1, 1, decoder.cfg.hidden_size),) if getattr(connector, "reads_text", False) else ()
     with torch.no_grad():
         k = connector(feats, *text).shape[1]
