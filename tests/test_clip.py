@@ -85,3 +85,67 @@ def test_lit_locking_sends_gradients_exactly_to_the_trainable_parameters():
         model.lock("text", unlocked_layers=4)
     with pytest.raises(ValueError, match="tower"):
         model.lock("audio")
+
+
+def _tiny_siglip(**vision):
+    text = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=12, projection_size=24)
+    vision = dict(image_size=32, patch_size=8, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                  num_attention_heads=4, **vision)
+    return transformers.SiglipConfig(text_config=text, vision_config=vision)
+
+
+def test_hf_siglip_folder_gives_transformers_features_and_logits(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.SiglipModel(_tiny_siglip()).eval()
+    with torch.no_grad():
+        hf.logit_scale.fill_(4.8)  # exp = 121.5: above CLIP's clamp at 100, which SigLIP does not have
+        hf.logit_bias.fill_(-10.0)
+        for p in hf.parameters():  # HF initialises the attention-pooling probe and biases to trivial values
+            p.add_(torch.randn_like(p) * 0.02)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ours = vlkit.load(tmp_path)
+    assert ours.visual.cls_token is None and ours.visual.cfg.global_pool == "map"
+    pixels, ids = torch.randn(3, 3, 32, 32), torch.randint(2, 100, (2, 12))
+    ids[1, 7:] = 1  # padded to the context length, as SigLIP's text is read
+    with torch.no_grad():
+        ref_img = hf.get_image_features(pixel_values=pixels).pooler_output
+        ref_txt = hf.get_text_features(input_ids=ids).pooler_output
+        assert (ours.encode_image(pixels) - ref_img).abs().max() <= 1e-4
+        assert (ours.encode_text(ids) - ref_txt).abs().max() <= 1e-4
+        out, ref = ours(pixels, ids), hf(input_ids=ids, pixel_values=pixels)
+    logits = out["logit_scale"] * out["image_embeds"] @ out["text_embeds"].T + out["logit_bias"]
+    assert (logits - ref.logits_per_image).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("use_head", [True, False])
+def test_hf_siglip_vision_folder_is_an_image_encoder(tmp_path, use_head):
+    torch.manual_seed(0)
+    hf = transformers.SiglipVisionModel(_tiny_siglip(vision_use_head=use_head).vision_config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ours = vlkit.load(tmp_path)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = hf(pixel_values=pixels)
+        assert (ours.forward_features(pixels) - ref.last_hidden_state).abs().max() <= 1e-4  # 16 patch tokens, no CLS
+        pooled = ours(pixels)
+    if use_head:
+        assert (pooled - ref.pooler_output).abs().max() <= 1e-4
+    else:  # no head: the tokens' mean
+        assert torch.allclose(pooled, ref.last_hidden_state.mean(1), atol=1e-5)
+
+
+def test_attention_pooled_vit_trains_and_checks_its_config():
+    torch.manual_seed(0)
+    vit = VisionTransformer(ViTConfig(image_size=16, patch_size=8, num_classes=5, embed_dim=32, depth=1, num_heads=2,
+                                      class_token=False, global_pool="map"))
+    vit(torch.randn(2, 3, 16, 16)).sum().backward()
+    assert vit.attn_pool.probe.grad.abs().sum() > 0 and "attn_pool.probe" in vit.no_weight_decay()
+    with pytest.raises(ValueError, match="global_pool"):
+        ViTConfig(class_token=False, global_pool="token")
+    with pytest.raises(ValueError, match="visual_proj=False"):
+        CLIP(vit, CLIPTextTransformer(CLIPTextConfig(vocab_size=10, width=32, depth=1, num_heads=2, embed_dim=0)),
+             embed_dim=16, visual_proj=False)

@@ -142,3 +142,34 @@ def test_hf_clip_folder_embeds_text_with_openai_bpe(tmp_path):
     assert (embedder.texts(["a photo of a cat"]) - ref).abs().max() <= 1e-4
     images = write_images(tmp_path / "imgs", 2)
     assert embedder.images(images).shape == (2, 16)
+
+
+def test_hf_siglip_folder_searches_with_its_own_tokenizer(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "photo", "of"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    text = dict(vocab_size=len(words), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                num_attention_heads=4, max_position_embeddings=8, projection_size=16)
+    vision = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2)
+    torch.manual_seed(0)
+    hf = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision)).eval()
+    folder = tmp_path / "siglip"
+    hf.save_pretrained(folder, safe_serialization=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>"}))
+    embedder = Embedder.load(folder)
+    ids = torch.tensor([[3, 8, 9, 3, 4, 6, 1, 0]])  # "a photo of a red circle", its end token, padded to 8
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(hf.get_text_features(input_ids=ids).pooler_output, dim=-1)
+    assert (embedder.texts(["a photo of a red circle"]) - ref).abs().max() <= 1e-4
+    write_images(tmp_path / "imgs", 3)
+    assert main(["search", "index", str(folder), str(tmp_path / "imgs")]) == 0
+    assert main(["search", "query", str(tmp_path / "imgs" / ".vlkit_index"), "a red circle", "-k", "2"]) == 0
+    assert capsys.readouterr().out.count("scene") >= 2
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        Embedder.load(folder)

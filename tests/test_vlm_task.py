@@ -272,3 +272,18 @@ def test_image_position_after_moves_the_image_mark_behind_the_first_prompt():
         user_turn("Q?", "middle")
     with pytest.raises(ConfigError):
         from_dict(VLMConfig, {"data": {"image_position": "middle"}})
+
+
+def test_an_hf_siglip_vision_folder_is_a_vlm_vision_tower(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    vision = transformers.SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=24, intermediate_size=40,
+                                             num_hidden_layers=2, num_attention_heads=4)
+    transformers.SiglipVisionModel(vision).save_pretrained(tmp_path / "siglip", safe_serialization=True)
+    run = tmp_path / "run"
+    over = [*TINY, *SCRATCH, *WORLD, "vision.kind=run", f"vision.path={tmp_path / 'siglip'}",
+            "transform.image_size=32", "train.max_steps=2"]
+    assert main(["train", "vlm_world_caption", *over, "--run-dir", str(run)]) == 0
+    model = vlkit.load(run)
+    assert model.features.encoder.cfg.global_pool == "map"
+    assert model.features(torch.zeros(1, 3, 32, 32)).shape == (1, 16, 24)  # 4 x 4 patches, no class token

@@ -1,7 +1,7 @@
 """Image search with a CLIP-style model: index a folder once, then query it by text or by image.
 
 ``vlkit search index MODEL FOLDER`` embeds every image under ``FOLDER`` (a vlkit contrastive run,
-a vlkit CLIP model folder or an HF ``CLIPModel`` folder as ``MODEL``) into an index folder:
+a vlkit CLIP model folder, an HF ``CLIPModel`` or ``SiglipModel`` folder as ``MODEL``) into an index folder:
 
 - ``index.json``: the model, the indexed root, one entry per file (relative path, size,
   mtime) in the row order of the embeddings, the files that could not be read (with why), and
@@ -74,13 +74,18 @@ class Embedder:
             if tok_dir is None:
                 raise FileNotFoundError(f"no tokenizer/ next to {folder} (a vlkit contrastive run saves one)")
             tokenizer, context = TextTokenizer.from_file(tok_dir), cfg["text"]["context_length"]
-        else:  # HF CLIPModel: OpenAI's BPE and preprocessing
+        else:  # HF CLIPModel: OpenAI's BPE and preprocessing; SiglipModel: its tokenizer.json, mean = std = 0.5
+            siglip = doc.get("model_type") == "siglip"
             prep_file = folder / "preprocessor_config.json"
             prep = json.loads(prep_file.read_text()) if prep_file.is_file() else {}
+            mean, std = ((0.5,) * 3, (0.5,) * 3) if siglip else (OPENAI_MEAN, OPENAI_STD)
             tcfg = TransformConfig(image_size=model.visual.cfg.image_size, crop_pct=1.0, interpolation="bicubic",
-                                   mean=tuple(prep.get("image_mean", OPENAI_MEAN)),
-                                   std=tuple(prep.get("image_std", OPENAI_STD)))
-            tokenizer, context = clip_tokenizer(), model.text.cfg.context_length
+                                   mean=tuple(prep.get("image_mean", mean)), std=tuple(prep.get("image_std", std)))
+            if siglip and not (folder / "tokenizer.json").is_file():
+                raise FileNotFoundError(f"{folder}: a SigLIP folder needs its tokenizer.json (save the fast "
+                                        "tokenizer next to the weights)")
+            tokenizer = TextTokenizer.from_hf_folder(folder) if siglip else clip_tokenizer()
+            context = model.text.cfg.context_length  # SigLIP reads its text padded to this length
         return cls(model, tokenizer, build_transform(tcfg, train=False), context, _fingerprint(folder))
 
     @torch.no_grad()

@@ -45,11 +45,13 @@ def _register_builtin() -> None:
     for model_type in ("vit", "deit"):
         FOREIGN[model_type] = load_hf_vit
     from vlkit.encoders.text import load_hf_bert
-    from vlkit.models.clip import load_hf_clip
+    from vlkit.models.clip import load_hf_clip, load_hf_siglip, load_hf_siglip_vision
     from vlkit.tasks.contrastive import ContrastiveConfig, build_clip
 
     register_architecture("clip", ContrastiveConfig, build_clip)
     FOREIGN["clip"] = load_hf_clip
+    FOREIGN["siglip"] = load_hf_siglip
+    FOREIGN["siglip_vision_model"] = load_hf_siglip_vision
     FOREIGN["bert"] = load_hf_bert
     from vlkit.decoders.causal_lm import DecoderConfig
     from vlkit.decoders.loading import build_causal_lm, load_hf_gpt2, load_hf_llama

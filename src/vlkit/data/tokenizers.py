@@ -159,6 +159,23 @@ class TextTokenizer:
 
         return cls(tok, token_id(bos), token_id(eos), token_id(pad) or 0)
 
+    @classmethod
+    def from_hf_folder(cls, folder: str | Path) -> "TextTokenizer":
+        """An HF model folder's ``tokenizer.json`` with the special tokens its ``tokenizer_config.json``
+        names: the end token added unless ``add_eos_token`` is false (SigLIP's SentencePiece convention),
+        the start token only with ``add_bos_token``, padding with ``pad_token`` (else the end token)."""
+        folder = Path(folder)
+        conf_file = folder / "tokenizer_config.json"
+        conf = json.loads(conf_file.read_text()) if conf_file.is_file() else {}
+
+        def name(key: str) -> Optional[str]:
+            value = conf.get(key)
+            return value.get("content") if isinstance(value, dict) else value
+
+        eos = name("eos_token") if conf.get("add_eos_token", True) else None
+        bos = name("bos_token") if conf.get("add_bos_token", False) else None
+        return cls.from_file(folder, bos=bos, eos=eos, pad=name("pad_token") or name("eos_token"))
+
 
 def clip_bpe_path() -> Path:
     """``bpe_simple_vocab_16e6.txt.gz`` of the installed ``open_clip_torch`` (found, not imported)."""

@@ -1,5 +1,6 @@
 """Text encoders. :class:`CLIPTextTransformer`: OpenAI CLIP's text tower (pre-LN causal
-transformer, pooled at the end-of-text token, linear projection). :class:`BertEncoder`: a BERT-style encoder (Devlin et al. 2019): token + position + segment embeddings, post-LN
+transformer, pooled at the end-of-text token, linear projection), or SigLIP's (bidirectional,
+pooled at the last position of a sequence padded to its context length). :class:`BertEncoder`: a BERT-style encoder (Devlin et al. 2019): token + position + segment embeddings, post-LN
 transformer blocks with bidirectional attention through SDPA; sentence embeddings by mean pooling
 over the real tokens, L2-normalised (Sentence-BERT, Reimers & Gurevych 2019).
 
@@ -20,9 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from vlkit.encoders.vit import Block
+from vlkit.encoders.vit import ACT_LAYERS, Block
 from vlkit.nn.attention import Attention
-from vlkit.nn.layers import QuickGELU
 from vlkit.nn.mlp import Mlp
 
 
@@ -175,21 +175,26 @@ class CLIPTextConfig:
     mlp_ratio: float = 4.0
     context_length: int = 77
     embed_dim: int = 512  # output of the projection; 0 = no projection
-    act: str = "quick_gelu"  # quick_gelu (OpenAI) | gelu
+    act: str = "quick_gelu"  # quick_gelu (OpenAI) | gelu | gelu_tanh (SigLIP)
     eos_token_id: Optional[int] = None  # None: pool at the highest id (OpenAI's end-of-text is the last id)
     layer_norm_eps: float = 1e-5
+    causal: bool = True  # False: bidirectional attention (SigLIP)
+    pool: str = "eos"  # eos: at the end-of-text token | last: at the last position (SigLIP, padded to max length)
 
     def __post_init__(self):
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
-        if self.act not in ("quick_gelu", "gelu"):
-            raise ValueError(f"act must be quick_gelu or gelu, got {self.act!r}")
+        if self.act not in ("quick_gelu", "gelu", "gelu_tanh"):
+            raise ValueError(f"act must be quick_gelu, gelu or gelu_tanh, got {self.act!r}")
+        if self.pool not in ("eos", "last"):
+            raise ValueError(f"pool must be eos or last, got {self.pool!r}")
 
 
 class CLIPTextTransformer(nn.Module):
     """forward(input_ids (B, T), T <= context_length) -> projected text embeddings (B, embed_dim),
     unnormalised (HF's ``get_text_features``). :meth:`forward_tokens` -> all hidden states after the
-    final LayerNorm (B, T, width). Causal attention: a token never sees the padding after it."""
+    final LayerNorm (B, T, width). Causal attention: a token never sees the padding after it (SigLIP's
+    bidirectional tower reads the padding: it was trained on sequences padded to the context length)."""
 
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
@@ -197,11 +202,10 @@ class CLIPTextTransformer(nn.Module):
         self.num_features = cfg.embed_dim or cfg.width
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
-        act = QuickGELU if cfg.act == "quick_gelu" else nn.GELU
         norm = partial(nn.LayerNorm, eps=cfg.layer_norm_eps)
         self.blocks = nn.ModuleList(  # ViT's pre-LN block with causal attention
-            Block(cfg.width, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True, act_layer=act, norm_layer=norm,
-                  attn_layer=partial(Attention, causal=True)) for _ in range(cfg.depth))
+            Block(cfg.width, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True, act_layer=ACT_LAYERS[cfg.act],
+                  norm_layer=norm, attn_layer=partial(Attention, causal=cfg.causal)) for _ in range(cfg.depth))
         self.norm = norm(cfg.width)
         self.proj = nn.Linear(cfg.width, cfg.embed_dim, bias=False) if cfg.embed_dim else nn.Identity()
         nn.init.normal_(self.token_embed.weight, std=0.02)
@@ -227,6 +231,8 @@ class CLIPTextTransformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.forward_tokens(input_ids)
+        if self.cfg.pool == "last":
+            return self.proj(x[:, -1])
         pooled = x[torch.arange(len(x), device=x.device), self.eos_positions(input_ids)]
         return self.proj(pooled)
 

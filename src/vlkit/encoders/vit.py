@@ -3,6 +3,9 @@
 - ViT: Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words: Transformers for Image
   Recognition at Scale", eqs. 1-4 (patch + position embedding, pre-LN blocks, class token head);
   §3.1 "Hybrid Architecture" (tokens from a convnet feature map, ``embed='hybrid'``).
+- SigLIP's image tower (Zhai et al. 2023, big_vision): no class token, the tokens pooled by a
+  multihead attention pooling head (``global_pool='map'``: a learned probe attends to them, then a
+  residual MLP; Lee et al. 2019's pooling by multihead attention).
 - DeiT: Touvron et al. 2021, "Training data-efficient image transformers & distillation through
   attention", §4: a distillation token with its own head (``num_dist_tokens=1``); the loss is
   :class:`vlkit.losses.distillation.DistillationLoss`.
@@ -63,7 +66,8 @@ class ViTConfig:
     attn_drop_rate: float = 0.0  # dropout on the attention weights
     drop_path_rate: float = 0.0  # stochastic depth of the last block, linear from 0 (class-attention blocks: 0)
     norm_eps: float = 1e-6  # LayerNorm epsilon (HF ViT/DeiT checkpoints use 1e-12)
-    global_pool: Literal["token", "avg"] = "token"  # head input: the class token, or the mean of patch tokens
+    global_pool: Literal["token", "avg", "map"] = "token"  # head input: the class token, the mean of patch
+    # tokens, or attention pooling by a learned probe (SigLIP's MAP head)
     embed: Literal["patch", "hybrid"] = "patch"  # patch: conv patchify; hybrid: a convnet backbone given to the model
 
     def __post_init__(self):
@@ -169,6 +173,22 @@ class Block(nn.Module):
         return (x, attn) if return_attn else x
 
 
+class AttentionPool(nn.Module):
+    """Multihead attention pooling (SigLIP's MAP head): a learned probe (1, 1, D) attends to the tokens,
+    then a residual MLP on its normalised output. forward(tokens (B, T, D)) -> (B, D)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, act_layer=nn.GELU, eps: float = 1e-6):
+        super().__init__()
+        self.probe = nn.Parameter(torch.zeros(1, 1, dim))
+        self.attn = Attention(dim, num_heads, qkv_bias=True, kv_dim=dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.attn(self.probe.expand(tokens.shape[0], -1, -1), tokens)  # (B, 1, D)
+        return (x + self.mlp(self.norm(x)))[:, 0]
+
+
 class VisionTransformer(nn.Module):
     """ViT / DeiT / CaiT / hybrid ViT with timm's encoder interface.
 
@@ -206,6 +226,8 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList([block(drop_path=dpr[i]) for i in range(cfg.depth)])
         self.class_attn = nn.ModuleList([block(attn_layer=ClassAttention) for _ in range(cfg.class_attn_depth)])
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.attn_pool = AttentionPool(D, cfg.num_heads, cfg.mlp_ratio, ACT_LAYERS[cfg.act], cfg.norm_eps) \
+            if cfg.global_pool == "map" else None
         self.head = Linear(D, cfg.num_classes) if cfg.num_classes else nn.Identity()
         has_dist_head = cfg.num_dist_tokens and cfg.dist_head and cfg.num_classes
         self.head_dist = Linear(D, cfg.num_classes) if has_dist_head else None
@@ -239,13 +261,13 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, (PatchEmbed, HybridEmbed, LayerScale)):
                 m.reset_parameters()
-        for p in (self.pos_embed, self.cls_token, self.dist_token):
+        for p in (self.pos_embed, self.cls_token, self.dist_token, getattr(self.attn_pool, "probe", None)):
             if isinstance(p, nn.Parameter):
                 nn.init.trunc_normal_(p, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters to exclude from weight decay (position embedding and tokens)."""
-        names = {"pos_embed", "cls_token", "dist_token"}
+        names = {"pos_embed", "cls_token", "dist_token", "attn_pool.probe"}
         return {n for n, _ in self.named_parameters() if n in names}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -298,6 +320,8 @@ class VisionTransformer(nn.Module):
         DeiT in training mode with ``distilled_training``: ``(logits_cls, logits_dist)``."""
         if self.cfg.global_pool == "avg":
             x = tokens[:, self.num_prefix_tokens:].mean(dim=1)  # (B, D)
+        elif self.attn_pool is not None:
+            x = self.attn_pool(tokens)  # (B, D)
         else:
             x = tokens[:, 0]  # (B, D)
         if pre_logits:

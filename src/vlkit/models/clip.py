@@ -6,7 +6,10 @@ and a learnable temperature (``logit_scale = log(1 / T)``, clamped so that exp <
 ``get_image_features`` / ``get_text_features``); ``forward`` returns them normalised with the
 scale (and SigLIP's bias), ready for :mod:`vlkit.losses.contrastive`.
 
-:func:`load_hf_clip` reads an HF-format ``CLIPModel`` folder (config.json + model.safetensors).
+:func:`load_hf_clip` reads an HF-format ``CLIPModel`` folder (config.json + model.safetensors),
+:func:`load_hf_siglip` a ``SiglipModel`` one (unclamped scale, its bias; the text padded to the
+context length as SigLIP was trained, no attention mask), :func:`load_hf_siglip_vision` a
+``SiglipVisionModel`` one (an image encoder for any vlkit model, e.g. a VLM's vision tower).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from vlkit.checkpoints.io import CheckpointError, load_state_dict_strict
 from vlkit.encoders.text import BertEncoder, CLIPTextConfig, CLIPTextTransformer, convert_hf_clip_layer, \
     convert_hf_clip_text
 from vlkit.encoders.vit import ViTConfig, VisionTransformer
@@ -35,17 +39,26 @@ class CLIP(nn.Module):
     """
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int = 512,
-                 init_temperature: float = 0.07, max_logit_scale: float = 100.0, init_logit_bias: float = 0.0):
+                 init_temperature: float = 0.07, max_logit_scale: float = 100.0, init_logit_bias: float = 0.0,
+                 visual_proj: bool = True, text_proj_bias: bool = False):
         super().__init__()
         self.visual, self.text = image_encoder, text_encoder
-        self.visual_proj = nn.Linear(image_encoder.num_features, embed_dim, bias=False)
-        self.text_proj = nn.Linear(text_encoder.num_features, embed_dim, bias=False)
+        if not visual_proj and image_encoder.num_features != embed_dim:
+            raise ValueError(f"visual_proj=False needs image features of width embed_dim ({embed_dim}), "
+                             f"got {image_encoder.num_features}")
+        # SigLIP: the image tower's pooling head is its projection; the text projection has a bias
+        self.visual_proj = nn.Linear(image_encoder.num_features, embed_dim, bias=False) if visual_proj \
+            else nn.Identity()
+        self.text_proj = nn.Linear(text_encoder.num_features, embed_dim, bias=text_proj_bias)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))  # used by the SigLIP loss only
         self.max_log_scale = math.log(max_logit_scale)
         self._locked: dict[str, int] = {}  # tower -> unlocked layers (see lock)
         for proj in (self.visual_proj, self.text_proj):
-            nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
+            if isinstance(proj, nn.Linear):
+                nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
+                if proj.bias is not None:
+                    nn.init.zeros_(proj.bias)
 
     def lock(self, tower: str, unlocked_layers: int = 0) -> int:
         """LiT: freeze ``tower`` ("visual" or "text") except its last ``unlocked_layers`` blocks (with
@@ -160,4 +173,85 @@ def load_hf_clip(folder: str | Path) -> CLIP:
                  "text_proj.weight": state["text_projection.weight"], "logit_scale": state["logit_scale"],
                  "logit_bias": model.logit_bias.detach().clone()})
     model.load_state_dict(ours)
+    return model.eval()
+
+
+def _siglip_vision_config(v: dict) -> ViTConfig:
+    return ViTConfig(image_size=v["image_size"], patch_size=v["patch_size"], num_classes=0,
+                     embed_dim=v["hidden_size"], depth=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
+                     mlp_ratio=v["intermediate_size"] / v["hidden_size"], act=_siglip_act(v.get("hidden_act")),
+                     class_token=False, global_pool="map" if v.get("vision_use_head", True) else "avg",
+                     norm_eps=v.get("layer_norm_eps", 1e-6))
+
+
+def _siglip_act(name: Optional[str]) -> str:
+    acts = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", None: "gelu_tanh", "gelu": "gelu"}
+    if name not in acts:
+        raise ValueError(f"SigLIP hidden_act {name!r} is not supported (gelu_pytorch_tanh, gelu)")
+    return acts[name]
+
+
+def convert_hf_siglip_vision(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """The vision tower of an HF ``SiglipModel`` / ``SiglipVisionModel`` state dict -> a
+    :class:`VisionTransformer`'s (``global_pool='map'``: the attention-pooling head too, if present)."""
+    v = "vision_model."
+    out = {"pos_embed": state[v + "embeddings.position_embedding.weight"][None]}
+    for kind in ("weight", "bias"):
+        out[f"patch_embed.proj.{kind}"] = state[v + f"embeddings.patch_embedding.{kind}"]
+        out[f"norm.{kind}"] = state[v + f"post_layernorm.{kind}"]
+    for i in range(depth):
+        out.update(convert_hf_clip_layer(state, f"{v}encoder.layers.{i}.", f"blocks.{i}."))
+    if v + "head.probe" in state:
+        h, D = v + "head.", state[v + "head.probe"].shape[-1]
+        out["attn_pool.probe"] = state[h + "probe"]
+        for kind in ("weight", "bias"):
+            packed = state[h + f"attention.in_proj_{kind}"]  # (3D, ...): q, k, v
+            out[f"attn_pool.attn.q.{kind}"], out[f"attn_pool.attn.kv.{kind}"] = packed[:D], packed[D:]
+            out[f"attn_pool.attn.proj.{kind}"] = state[h + f"attention.out_proj.{kind}"]
+            out[f"attn_pool.norm.{kind}"] = state[h + f"layernorm.{kind}"]
+            for fc in ("fc1", "fc2"):
+                out[f"attn_pool.mlp.{fc}.{kind}"] = state[h + f"mlp.{fc}.{kind}"]
+    return out
+
+
+def _read_hf(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    folder = Path(folder)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing (only safetensors weights are read, never pickles)")
+    return json.loads((folder / "config.json").read_text()), load_file(str(weights))
+
+
+def load_hf_siglip_vision(folder: str | Path) -> VisionTransformer:
+    """An HF-format ``SiglipVisionModel`` folder as a :class:`VisionTransformer`: ``forward_features``
+    gives HF's ``last_hidden_state``, ``forward`` its ``pooler_output``."""
+    raw, state = _read_hf(folder)
+    if not any(k.startswith("vision_model.") for k in state):  # transformers 5 saves the tower unprefixed
+        state = {f"vision_model.{k}": w for k, w in state.items()}
+    cfg = _siglip_vision_config(raw.get("vision_config", raw))
+    model = VisionTransformer(cfg)
+    load_state_dict_strict(model, convert_hf_siglip_vision(state, cfg.depth), source=str(folder))
+    return model.eval()
+
+
+def load_hf_siglip(folder: str | Path) -> CLIP:
+    """An HF-format ``SiglipModel`` folder as a :class:`CLIP` with SigLIP's towers: ``encode_image`` /
+    ``encode_text`` give HF's image / text ``pooler_output``, ``forward`` the normalised embeddings with
+    the learned scale (not clamped) and bias: logits = scale * image @ text.T + bias."""
+    raw, state = _read_hf(folder)
+    vcfg, t = _siglip_vision_config(raw["vision_config"]), raw["text_config"]
+    tcfg = CLIPTextConfig(vocab_size=t["vocab_size"], width=t["hidden_size"], depth=t["num_hidden_layers"],
+                          num_heads=t["num_attention_heads"], mlp_ratio=t["intermediate_size"] / t["hidden_size"],
+                          context_length=t["max_position_embeddings"], embed_dim=0,
+                          act=_siglip_act(t.get("hidden_act")), layer_norm_eps=t.get("layer_norm_eps", 1e-6),
+                          causal=False, pool="last")
+    if vcfg.global_pool != "map":
+        raise CheckpointError(f"{folder}: a SiglipModel needs its vision head (vision_use_head=true)")
+    model = CLIP(VisionTransformer(vcfg), CLIPTextTransformer(tcfg), t.get("projection_size", t["hidden_size"]),
+                 max_logit_scale=math.inf, visual_proj=False, text_proj_bias=True)
+    ours = {f"visual.{k}": w for k, w in convert_hf_siglip_vision(state, vcfg.depth).items()}
+    ours.update({f"text.{k}": w for k, w in convert_hf_clip_text(state, tcfg.depth).items()})
+    ours.update({"text_proj.weight": state["text_model.head.weight"], "text_proj.bias": state["text_model.head.bias"],
+                 "logit_scale": state["logit_scale"].reshape(()), "logit_bias": state["logit_bias"].reshape(())})
+    load_state_dict_strict(model, ours, source=str(folder))
     return model.eval()
