@@ -295,3 +295,53 @@ def test_shared_prefix_is_computed_once_with_the_same_loss_and_gradients():
     assert model.shared_prefix(ids, mask, labels) == 0
     model.apply_tuning(TuningConfig(vision="frozen", connector="full", decoder="lora"))
     assert model.shared_prefix(ids[:, 1:], mask[:, 1:], labels[:, 1:] * 0 - 100) == 0  # a trainable decoder
+
+
+def test_hf_idefics2_folder_gives_transformers_logits_and_greedy_answer(tmp_path):
+    """A whole Idefics2 (SigLIP tower, connector, Mistral) through vlkit.load: the same logits for a batch with
+    one and two images per sample, and the same greedy tokens."""
+    transformers = pytest.importorskip("transformers")
+    import vlkit
+
+    cfg = transformers.Idefics2Config(
+        vision_config={"hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 8},
+        text_config={"model_type": "mistral", "vocab_size": 120, "hidden_size": 32, "intermediate_size": 48,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "max_position_embeddings": 256},
+        perceiver_config={"hidden_size": 32, "resampler_n_latents": 5, "resampler_depth": 2, "resampler_n_heads": 4,
+                          "num_key_value_heads": 2, "resampler_head_dim": 12, "rms_norm_eps": 1e-6},
+        image_token_id=110)
+    torch.manual_seed(0)
+    hf = transformers.Idefics2ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # latents, norms and biases off their constant initialisation
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ours = vlkit.load(tmp_path)
+    assert type(ours).__name__ == "VLM" and ours.num_visual_tokens == 5
+    img = [110] * 5
+    ids = torch.tensor([[1, 5, 6, *img, 7, 8, 9, 10, 11, 12, 13], [1, 4, *img, 3, 9, *img, 8]])
+    images = torch.randn(3, 3, 32, 32)
+    pixels = torch.zeros(2, 2, 3, 32, 32)  # (B, images per sample, ...): all-zero = no image
+    pixels[0, 0], pixels[1] = images[0], images[1:]
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        got = ours(ids, mask, images)["logits"]
+        assert (got - ref).abs().max() <= 1e-4
+        expected = hf.generate(input_ids=ids[:1], attention_mask=mask[:1], pixel_values=pixels[:1, :1],
+                               max_new_tokens=6, do_sample=False, eos_token_id=None)[:, ids.shape[1]:]
+        answer = ours.generate(ids[:1], mask[:1], images[:1], GenerationConfig(max_new_tokens=6, eos_token_ids=(999,)))
+    assert answer.tolist() == expected.tolist()
+
+
+def test_idefics2_prompt_frames_images_as_the_processor_does():
+    from vlkit.checkpoints.hf_idefics2 import idefics2_prompt
+
+    f, i = "<fake_token_around_image>", "<image>"
+    assert idefics2_prompt("User:<image>What is it?", 2) == f"User:{f}{i}{i}{f} What is it?"
+    assert idefics2_prompt("<image><image>\nand", 1) == f"{f}{i}{f}{i}{f}\nand"  # boundary shared
+    assert idefics2_prompt(f"A {i}", 1, crops=5) == "A " + f + f"{i}{f}" * 5
+    with pytest.raises(ValueError):
+        idefics2_prompt(i, 0)

@@ -52,6 +52,9 @@ def _register_builtin() -> None:
     FOREIGN["clip"] = load_hf_clip
     FOREIGN["siglip"] = load_hf_siglip
     FOREIGN["siglip_vision_model"] = load_hf_siglip_vision
+    from vlkit.checkpoints.hf_idefics2 import load_hf_idefics2
+
+    FOREIGN["idefics2"] = load_hf_idefics2
     FOREIGN["bert"] = load_hf_bert
     from vlkit.decoders.causal_lm import DecoderConfig
     from vlkit.decoders.loading import build_causal_lm, load_hf_gpt2, load_hf_llama

@@ -176,7 +176,7 @@ def load_hf_clip(folder: str | Path) -> CLIP:
     return model.eval()
 
 
-def _siglip_vision_config(v: dict) -> ViTConfig:
+def siglip_vision_config(v: dict) -> ViTConfig:
     return ViTConfig(image_size=v["image_size"], patch_size=v["patch_size"], num_classes=0,
                      embed_dim=v["hidden_size"], depth=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
                      mlp_ratio=v["intermediate_size"] / v["hidden_size"], act=_siglip_act(v.get("hidden_act")),
@@ -228,7 +228,7 @@ def load_hf_siglip_vision(folder: str | Path) -> VisionTransformer:
     raw, state = _read_hf(folder)
     if not any(k.startswith("vision_model.") for k in state):  # transformers 5 saves the tower unprefixed
         state = {f"vision_model.{k}": w for k, w in state.items()}
-    cfg = _siglip_vision_config(raw.get("vision_config", raw))
+    cfg = siglip_vision_config(raw.get("vision_config", raw))
     model = VisionTransformer(cfg)
     load_state_dict_strict(model, convert_hf_siglip_vision(state, cfg.depth), source=str(folder))
     return model.eval()
@@ -239,7 +239,7 @@ def load_hf_siglip(folder: str | Path) -> CLIP:
     ``encode_text`` give HF's image / text ``pooler_output``, ``forward`` the normalised embeddings with
     the learned scale (not clamped) and bias: logits = scale * image @ text.T + bias."""
     raw, state = _read_hf(folder)
-    vcfg, t = _siglip_vision_config(raw["vision_config"]), raw["text_config"]
+    vcfg, t = siglip_vision_config(raw["vision_config"]), raw["text_config"]
     tcfg = CLIPTextConfig(vocab_size=t["vocab_size"], width=t["hidden_size"], depth=t["num_hidden_layers"],
                           num_heads=t["num_attention_heads"], mlp_ratio=t["intermediate_size"] / t["hidden_size"],
                           context_length=t["max_position_embeddings"], embed_dim=0,

@@ -1,0 +1,87 @@
+"""An HF-format ``Idefics2ForConditionalGeneration`` folder as a vlkit :class:`~vlkit.models.vlm.VLM`
+(Laurençon et al. 2024, "What matters when building vision-language models?"):
+
+- vision: SigLIP's tower without its pooling head (:func:`~vlkit.models.clip.convert_hf_siglip_vision`),
+  all its patch tokens after the final LayerNorm;
+- connector: :class:`~vlkit.connectors.idefics2.Idefics2Connector` (SwiGLU modality projection to the
+  language model's intermediate width, Perceiver resampler of grouped-query attention, K latents);
+- language model: the Mistral / Llama decoder (:func:`~vlkit.decoders.loading.convert_llama`);
+- injection: the K visual tokens replace the K ``<image>`` tokens (``image_token_id``) of the prompt.
+
+``vlkit.load(folder)`` returns it; ``forward(input_ids, attention_mask, images)`` gives transformers'
+logits for images at the checkpoint's resolution (the patch positions transformers derives for smaller or
+padded images, and the processor's image splitting, are not reproduced: resize images to
+``vision_config.image_size``); ``generate`` decodes greedily or by sampling / beams. :func:`idefics2_prompt`
+frames each ``<image>`` of a prompt as the processor does. Mistral's sliding
+window is not applied: prompts and answers up to ``sliding_window`` tokens (4,096) are exact.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from vlkit.checkpoints.io import CheckpointError, load_state_dict_strict, read_safetensors
+from vlkit.connectors.idefics2 import Idefics2Connector, idefics2_state_from_hf
+from vlkit.decoders.causal_lm import CausalLM
+from vlkit.decoders.loading import convert_llama, llama_config
+from vlkit.encoders.vit import VisionTransformer
+from vlkit.models.clip import siglip_vision_config, convert_hf_siglip_vision
+from vlkit.models.vlm import VLM, InjectionConfig
+
+log = logging.getLogger(__name__)
+
+FAKE_IMAGE, IMAGE = "<fake_token_around_image>", "<image>"
+
+
+def idefics2_prompt(text: str, image_seq_len: int = 64, crops: int = 1) -> str:
+    """``text`` with each ``<image>`` expanded as transformers' ``Idefics2Processor`` does: ``image_seq_len``
+    image tokens between two ``<fake_token_around_image>`` per crop (``crops=5`` with image splitting: four
+    quarters, then the whole image), boundaries shared by neighbours, a space after a closing boundary
+    followed by text."""
+    if image_seq_len < 1 or crops < 1:
+        raise ValueError(f"image_seq_len and crops must be >= 1, got {image_seq_len}, {crops}")
+    text = text.replace(IMAGE, f"{FAKE_IMAGE}{IMAGE * image_seq_len}{FAKE_IMAGE}" * crops)
+    text = text.replace(FAKE_IMAGE + FAKE_IMAGE, FAKE_IMAGE)
+    return re.sub(rf"{re.escape(FAKE_IMAGE)}(?=[^\s<])", FAKE_IMAGE + " ", text)
+
+
+def _split(state: dict, prefix: str, to: str = "") -> dict:
+    return {to + k[len(prefix):]: w for k, w in state.items() if k.startswith(prefix)}
+
+
+def load_hf_idefics2(folder: str | Path) -> VLM:
+    """The VLM of an HF ``Idefics2ForConditionalGeneration`` folder (config.json + safetensors)."""
+    folder = Path(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {folder} (pickled checkpoints are never read)")
+    state = {k: w for f in files for k, w in read_safetensors(f).items()}
+    text, perceiver = raw["text_config"], raw["perceiver_config"]
+    if text.get("model_type", "mistral") not in ("mistral", "llama"):
+        raise CheckpointError(f"{folder}: Idefics2 text model {text.get('model_type')!r} is not supported "
+                              "(mistral, llama)")
+    vcfg = siglip_vision_config({**raw["vision_config"], "vision_use_head": False})
+    vision = VisionTransformer(vcfg)
+    load_state_dict_strict(vision, convert_hf_siglip_vision(_split(state, "model.vision_model.", "vision_model."),
+                                                            vcfg.depth), source=f"{folder} (vision)")
+    dcfg = llama_config({**text, "tie_word_embeddings": raw.get("tie_word_embeddings", False)})
+    decoder = CausalLM(dcfg)
+    lm_state = {**_split(state, "model.text_model.", "model."), **_split(state, "lm_head.", "lm_head.")}
+    load_state_dict_strict(decoder, {**convert_llama(lm_state, dcfg), **(
+        {"lm_head.weight": lm_state["model.embed_tokens.weight"]} if dcfg.tie_embeddings else {})},
+        source=f"{folder} (language model)")
+    connector = Idefics2Connector(vcfg.embed_dim, dcfg.hidden_size, dcfg.intermediate_size,
+                                  num_tokens=perceiver["resampler_n_latents"], depth=perceiver["resampler_depth"],
+                                  num_heads=perceiver["resampler_n_heads"],
+                                  kv_heads=perceiver.get("num_key_value_heads", 0),
+                                  head_dim=perceiver.get("resampler_head_dim", 0),
+                                  eps=perceiver.get("rms_norm_eps", text.get("rms_norm_eps", 1e-6)))
+    load_state_dict_strict(connector, idefics2_state_from_hf(_split(state, "model.connector.")),
+                           source=f"{folder} (connector)")
+    model = VLM(vision, connector, decoder, InjectionConfig(style="tokens", features="last"),
+                image_token_id=raw["image_token_id"], num_visual_tokens=perceiver["resampler_n_latents"])
+    log.info("loaded Idefics2 from %s: %d visual tokens per image", folder, model.num_visual_tokens)
+    return model.eval()
