@@ -240,3 +240,13 @@ def test_resample_pos_embed():
     # a constant embedding stays constant
     const = torch.ones(1, 1 + 9, 4)
     torch.testing.assert_close(resample_pos_embed(const, (5, 5), num_prefix_tokens=1), torch.ones(1, 26, 4))
+
+
+def test_bucket_pos_embed_spreads_a_small_grid_over_the_learned_one():
+    from vlkit.nn.pos_embed import bucket_pos_embed
+
+    pos = torch.arange(1 + 16, dtype=torch.float32).view(1, 17, 1)  # a prefix row, then a 4 x 4 grid
+    assert bucket_pos_embed(pos, (4, 4), num_prefix_tokens=1) is pos
+    got = bucket_pos_embed(pos, (2, 3), num_prefix_tokens=1).flatten().tolist()
+    # rows at 0 and 1/2 -> cells 0, 2; columns at 0, 1/3, 2/3 -> cells 0, 1, 2
+    assert got == [0, 1 + 0, 1 + 1, 1 + 2, 1 + 8, 1 + 9, 1 + 10]

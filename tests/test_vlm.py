@@ -334,6 +334,10 @@ def test_hf_idefics2_folder_gives_transformers_logits_and_greedy_answer(tmp_path
                                max_new_tokens=6, do_sample=False, eos_token_id=None)[:, ids.shape[1]:]
         answer = ours.generate(ids[:1], mask[:1], images[:1], GenerationConfig(max_new_tokens=6, eos_token_ids=(999,)))
     assert answer.tolist() == expected.tolist()
+    small = torch.randn(1, 3, 24, 16)  # 3 x 2 patches: their positions are buckets of the 4 x 4 grid
+    with torch.no_grad():
+        ref = hf(input_ids=ids[:1], attention_mask=mask[:1], pixel_values=small[None]).logits
+        assert (ours(ids[:1], mask[:1], small)["logits"] - ref).abs().max() <= 1e-4
 
 
 def test_idefics2_prompt_frames_images_as_the_processor_does():

@@ -9,9 +9,10 @@
 - injection: the K visual tokens replace the K ``<image>`` tokens (``image_token_id``) of the prompt.
 
 ``vlkit.load(folder)`` returns it; ``forward(input_ids, attention_mask, images)`` gives transformers'
-logits for images at the checkpoint's resolution (the patch positions transformers derives for smaller or
-padded images, and the processor's image splitting, are not reproduced: resize images to
-``vision_config.image_size``); ``generate`` decodes greedily or by sampling / beams. :func:`idefics2_prompt`
+logits for images of any size (sides multiples of the patch size; the patch positions are Idefics2's
+fractional buckets, ``ViTConfig.pos_resize='bucket'``); images of one call share their size (transformers
+pads a batch of sizes and masks the padding: give vlkit one size per call). ``generate`` decodes
+greedily or by sampling / beams. :func:`idefics2_prompt`
 frames each ``<image>`` of a prompt as the processor does. Mistral's sliding
 window is not applied: prompts and answers up to ``sliding_window`` tokens (4,096) are exact.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from vlkit.checkpoints.io import CheckpointError, load_state_dict_strict, read_safetensors
@@ -63,7 +65,7 @@ def load_hf_idefics2(folder: str | Path) -> VLM:
     if text.get("model_type", "mistral") not in ("mistral", "llama"):
         raise CheckpointError(f"{folder}: Idefics2 text model {text.get('model_type')!r} is not supported "
                               "(mistral, llama)")
-    vcfg = siglip_vision_config({**raw["vision_config"], "vision_use_head": False})
+    vcfg = replace(siglip_vision_config({**raw["vision_config"], "vision_use_head": False}), pos_resize="bucket")
     vision = VisionTransformer(vcfg)
     load_state_dict_strict(vision, convert_hf_siglip_vision(_split(state, "model.vision_model.", "vision_model."),
                                                             vcfg.depth), source=f"{folder} (vision)")

@@ -33,7 +33,7 @@ from vlkit.nn.attention import Attention, ClassAttention
 from vlkit.nn.layers import DropPath, LayerScale, Linear, QuickGELU
 from vlkit.nn.mlp import Mlp
 from vlkit.nn.patch_embed import HybridEmbed, PatchEmbed
-from vlkit.nn.pos_embed import resample_pos_embed, sincos_2d_pos_embed
+from vlkit.nn.pos_embed import bucket_pos_embed, resample_pos_embed, sincos_2d_pos_embed
 
 ACT_LAYERS = {"gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh"), "relu": nn.ReLU, "silu": nn.SiLU,
               "quick_gelu": QuickGELU}
@@ -57,6 +57,8 @@ class ViTConfig:
     pre_norm: bool = False  # LayerNorm on the embedded tokens before the blocks (CLIP's ln_pre)
     patch_bias: bool = True  # bias in the patch-embedding convolution (CLIP has none)
     pos_embed: Literal["learned", "sincos"] = "learned"  # learned absolute, or fixed 2D sin-cos (MAE)
+    pos_resize: Literal["bicubic", "bucket"] = "bicubic"  # another grid: interpolate the learned grid, or
+    # give each patch the row of the cell its fractional coordinates fall in (NaViT / Idefics2)
     class_token: bool = True  # prepend a learned class token
     num_dist_tokens: int = 0  # 0 = ViT; 1 = DeiT distillation token
     dist_head: bool = True  # with a distillation token: a second head on it (DeiT); False = CLS head only
@@ -290,7 +292,8 @@ class VisionTransformer(nn.Module):
         x = x.reshape(B, gh * gw, D)  # (B, N, D)
         if self.num_pos_prefix:
             x = torch.cat([*self._prefix_tokens(B), x], dim=1)  # (B, P + N, D)
-        x = x + resample_pos_embed(self.pos_embed, (gh, gw), self.grid_size, self.num_pos_prefix)
+        resize = bucket_pos_embed if self.cfg.pos_resize == "bucket" else resample_pos_embed
+        x = x + resize(self.pos_embed, (gh, gw), self.grid_size, self.num_pos_prefix)
         return self.norm_pre(self.pos_drop(x)), (gh, gw)
 
     def _run_block(self, blk: Block, x: torch.Tensor) -> torch.Tensor:

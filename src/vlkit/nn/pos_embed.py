@@ -5,6 +5,8 @@
 - :func:`resample_pos_embed`: bicubic interpolation of the patch part of a learned embedding to
   another grid, prefix tokens (class/distillation) kept as they are (Dosovitskiy et al. 2021,
   §3.2 "Fine-tuning and higher resolution"; same arithmetic as HF ``interpolate_pos_encoding``).
+- :func:`bucket_pos_embed`: NaViT-style fractional positions (Dehghani et al. 2023, used by Idefics2):
+  patch (i, j) of any grid takes the learned position of the cell that (i / gh, j / gw) falls in.
 """
 from __future__ import annotations
 
@@ -58,3 +60,25 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], old_g
     grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, -1, D)  # (1, new_gh * new_gw, D)
     return torch.cat([prefix, grid], dim=1)
+
+
+def _buckets(n: int, cells: int, device) -> torch.Tensor:
+    """(n,) cell of each of n evenly spaced coordinates in [0, 1) among ``cells`` equal cells (float32
+    arithmetic as transformers' Idefics2 vision embeddings, so the same cells on the boundaries)."""
+    step = 1.0 / torch.tensor(n, dtype=torch.float32, device=device)
+    coords = (torch.arange(n, dtype=torch.float32, device=device) * step).clamp(max=1.0 - 1e-6)
+    return torch.bucketize(coords, torch.arange(1 / cells, 1.0, 1 / cells, device=device), right=True)
+
+
+def bucket_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None,
+                     num_prefix_tokens: int = 0) -> torch.Tensor:
+    """(1, P + gh * gw, D) -> (1, P + new_gh * new_gw, D): each new patch takes the learned row of the
+    old-grid cell its fractional coordinates fall in (no interpolation: a smaller image reads a subset of
+    the rows, spread over the whole grid). The P prefix rows are kept."""
+    old_grid = old_grid or (math.isqrt(pos_embed.shape[1] - num_prefix_tokens),) * 2
+    if tuple(new_grid) == tuple(old_grid):
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    rows = _buckets(new_grid[0], old_grid[0], pos_embed.device)
+    cols = _buckets(new_grid[1], old_grid[1], pos_embed.device)
+    return torch.cat([prefix, grid[:, (rows[:, None] * old_grid[1] + cols[None, :]).flatten()]], dim=1)
