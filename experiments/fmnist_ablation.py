@@ -1,4 +1,5 @@
-"""Fashion-MNIST ablation at equal CPU budget: ViT vs DeiT (convnet teacher) vs CaiT, +- Mixup/CutMix.
+"""Fashion-MNIST ablation at equal CPU budget: ViT vs DeiT (convnet teacher) vs CaiT, +- Mixup/CutMix, and
+the ViT on a convolutional stem.
 
     .venv/bin/python experiments/fmnist_ablation.py --budget-min 15            # every row
     .venv/bin/python experiments/fmnist_ablation.py --budget-min 15 --rows vit  # the headline ViT
@@ -33,6 +34,7 @@ ROWS = {
     "deit+mixup": ("deit_fmnist", MIXUP),
     "cait": ("cait_fmnist", []),
     "cait+mixup": ("cait_fmnist", MIXUP),
+    "vit+convstem": ("vit_fmnist", ["model.backbone=conv_stem"]),  # Xiao et al. 2021's stem -> the same 7x7 tokens
 }
 VLKIT = [sys.executable, "-m", "vlkit.cli"]
 # The calibration times training steps only: the 8 evaluations and the slower steps of a long

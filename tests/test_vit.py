@@ -321,3 +321,26 @@ def test_deit_trains_with_hard_distillation():
         loss.backward()
         opt.step()
     assert loss.item() < 0.25 * first, (first, loss.item())
+
+
+def test_conv_stem_vit_trains_saves_and_reloads(tmp_path):
+    """A ViT on Xiao et al.'s convolutional stem (28 px -> 7x7 tokens) round-trips through vlkit.load,
+    BatchNorm statistics included."""
+    import vlkit
+    from vlkit.checkpoints.hub import save_model
+    from vlkit.config import ConfigError, from_dict
+    from vlkit.models.classifier import ClassifierConfig, build_classifier
+
+    cfg = from_dict(ClassifierConfig, {"num_classes": 10, "backbone": "conv_stem", "stem_channels": [8, 16],
+                                       "vit": {"image_size": 28, "patch_size": 4, "embed_dim": 32, "depth": 1,
+                                               "num_heads": 2}})
+    torch.manual_seed(0)
+    model = build_classifier(cfg)
+    assert model.grid_size == (7, 7) and model.cfg.embed == "hybrid"
+    images = torch.randn(8, 3, 28, 28)
+    model(images).logsumexp(-1).mean().backward()  # training mode: BatchNorm statistics move
+    assert model.patch_embed.backbone.stem[0].weight.grad.abs().sum() > 0
+    save_model(model.eval(), tmp_path / "m", "classifier", cfg)
+    assert torch.equal(vlkit.load(tmp_path / "m")(images), model(images))
+    with pytest.raises(ConfigError, match="backbone"):
+        from_dict(ClassifierConfig, {"backbone": "resnet"})

@@ -22,6 +22,7 @@ from torch import nn
 from vlkit.config import ConfigError, replace
 from vlkit.encoders.convnet import EfficientNetLite, create_efficientnet_lite
 from vlkit.encoders.vit import ViTConfig, VisionTransformer
+from vlkit.nn.patch_embed import ConvStem
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,9 @@ class ClassifierConfig:
     arch: Literal["vit", "efficientnet_lite0"] = "vit"  # vit = ViT/DeiT/CaiT (see `vit`); or a convnet
     num_classes: int = 1000  # classifier outputs (recipes fill it from the dataset); overrides vit.num_classes
     vit: ViTConfig = field(default_factory=ViTConfig)  # the transformer (arch=vit)
-    backbone: Literal["none", "efficientnet_lite0"] = "none"  # arch=vit: convnet whose feature map gives the tokens
+    backbone: Literal["none", "efficientnet_lite0", "conv_stem"] = "none"  # arch=vit: convnet whose feature map
+    # gives the tokens (conv_stem: Xiao et al.'s convolutional stem, trained with the ViT)
+    stem_channels: tuple[int, ...] = (32, 64)  # backbone=conv_stem: widths of its stride-2 3x3 convs
     pretrained: bool = True  # load the convnet's ImageNet weights (arch or backbone efficientnet_lite0)
     convnet_size: int = 0  # side the convnet sees (images are resized); 0 = as given
     input_mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # the data pipeline's normalisation mean
@@ -108,4 +111,6 @@ def build_classifier(cfg: ClassifierConfig) -> nn.Module:
     if cfg.arch == "efficientnet_lite0":
         return adapt(_efficientnet(cfg.num_classes, cfg.pretrained))
     backbone = adapt(_efficientnet(0, cfg.pretrained)) if cfg.backbone == "efficientnet_lite0" else None
+    if cfg.backbone == "conv_stem":
+        backbone = ConvStem(cfg.vit.in_chans, tuple(cfg.stem_channels))
     return VisionTransformer(cfg.vit, backbone=backbone)

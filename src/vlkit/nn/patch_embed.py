@@ -1,6 +1,9 @@
 """Image -> token grid: patch embedding and ViT's hybrid (convnet feature map) embedding.
 
 Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words", §3.1 (eq. 1 and "Hybrid Architecture").
+:class:`ConvStem`: the small convolutional stem of Xiao et al. 2021, "Early Convolutions Help
+Transformers See Better" (stride-2 3x3 convs + BatchNorm + ReLU; the hybrid embedding's 1x1
+projection is their final 1x1 conv), a backbone for the hybrid embedding.
 Both embeddings return a channels-last grid (B, gh, gw, D) so the caller knows the grid size at
 any input resolution.
 """
@@ -15,6 +18,27 @@ def init_conv_as_linear(conv: nn.Conv2d) -> None:
     nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
+
+
+class ConvStem(nn.Module):
+    """Stride-2 3x3 conv + BatchNorm + ReLU per entry of ``channels``: a 2^len(channels) downsampling.
+
+    forward_features(images (B, C, H, W)) -> (B, channels[-1], H / 2^n, W / 2^n) (rounded up)."""
+
+    def __init__(self, in_chans: int = 3, channels: tuple[int, ...] = (32, 64)):
+        super().__init__()
+        if not channels or min(channels) < 1:
+            raise ValueError(f"channels must be a non-empty list of positive widths, got {channels}")
+        layers, width = [], in_chans
+        for out in channels:
+            layers += [nn.Conv2d(width, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out),
+                       nn.ReLU(inplace=True)]
+            width = out
+        self.stem = nn.Sequential(*layers)
+        self.num_features = width
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.stem(images)
 
 
 class PatchEmbed(nn.Module):
