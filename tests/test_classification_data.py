@@ -62,3 +62,26 @@ def test_data_config_errors_name_the_field():
         DataConfig(dataset="manifest")
     with pytest.raises(ConfigError, match="val_size"):
         DataConfig(val_size=-1)
+
+
+def test_webdataset_shards_are_a_classification_source(tmp_path):
+    import io
+    import tarfile
+
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"train-{shard}.tar", "w") as tar:
+            for i in range(6):
+                buf = io.BytesIO()
+                Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(buf, format="PNG")
+                for ext, data in (("png", buf.getvalue()), ("cls", str(i % 3).encode())):
+                    info = tarfile.TarInfo(f"s{shard}_{i}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    cfg = DataConfig(dataset="webdataset", train=str(tmp_path / "train-{0..1}.tar"), val_size=3,
+                     transform=TransformConfig(image_size=16, randaugment_num_ops=0))
+    splits = build_splits(cfg)
+    assert splits.classes == ["0", "1", "2"] and len(splits.train) == 9 and len(splits.val) == 3
+    sample = train_dataset(splits, cfg)[0]
+    assert sample["image"].shape == (3, 16, 16) and sample["label"] in (0, 1, 2)
+    with pytest.raises(ConfigError, match="train"):
+        DataConfig(dataset="webdataset")

@@ -1,5 +1,6 @@
 """`vlkit train clip_world` on tiny sizes: retrieval and zero-shot metrics, tokenizer and model saved."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +118,54 @@ def test_fixed_temperature_stays_fixed(tmp_path):
     learned = tmp_path / "learned"
     assert main(["train", "clip_world", *TINY, "init_temperature=0.3", "--run-dir", str(learned)]) == 0
     assert vlkit.load(learned).logit_scale.item() != pytest.approx(math.log(1 / 0.3), abs=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["manifest", "webdataset"])
+def test_clip_trains_on_your_own_image_caption_pairs(tmp_path, capsys, fmt):
+    """data=pairs: a JSONL manifest or webdataset shards of image + caption (one broken image, counted):
+    BPE on the captions, Recall@K on the held-out and test splits, a model vlkit search can use."""
+    import io
+    import tarfile
+
+    from vlkit.data.world import WorldConfig, WorldDataset
+
+    world = WorldDataset(WorldConfig(image_size=32), "train", length=48, task="retrieval")
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(48):
+        path = tmp_path / "img" / f"{i:03d}.png"
+        world[i]["image"].save(path)
+        rows.append({"image": f"img/{i:03d}.png", "caption": world[i]["caption"]})
+    (tmp_path / "img" / "000.png").write_bytes(b"broken")
+    if fmt == "manifest":
+        for name, part in (("train", rows[:40]), ("test", rows[40:])):
+            (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+        paths = [f"pairs.train={tmp_path / 'train.jsonl'}", f"pairs.test={tmp_path / 'test.jsonl'}"]
+    else:
+        for name, part in (("train", rows[:40]), ("test", rows[40:])):
+            with tarfile.open(tmp_path / f"{name}.tar", "w") as tar:
+                for r in part:
+                    for ext, data in (("png", (tmp_path / r["image"]).read_bytes()), ("txt", r["caption"].encode())):
+                        info = tarfile.TarInfo(f"{Path(r['image']).stem}.{ext}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+        paths = [f"pairs.train={tmp_path / 'train.tar'}", f"pairs.test={tmp_path / 'test.tar'}"]
+    pairs = ["data=pairs", f"pairs.dataset={fmt}", *paths, "pairs.val_size=8", "pairs.transform.image_size=32",
+             "pairs.transform.crop_pct=1.0", "pairs.transform.rrc_scale=[1.0,1.0]", "pairs.transform.hflip=0.0",
+             "pairs.transform.randaugment_num_ops=0", "pairs.transform.mean=[0.5,0.5,0.5]",
+             "pairs.transform.std=[0.25,0.25,0.25]"]
+    run = tmp_path / "run"
+    assert main(["train", "clip_world", *TINY, *pairs, "--run-dir", str(run)]) == 0
+    doc = json.loads((run / "eval.json").read_text())
+    assert set(doc["eval"]) == {"val", "test"}
+    for split, n in (("val", 8), ("test", 8)):
+        m = doc["eval"][split]
+        assert "zero_shot_top1" not in m and 0 <= m["i2t_R@1"] <= m["i2t_R@5"] <= 100 and m["t2i_mean_rank"] <= n
+    assert doc["train"]["skipped_samples"] == 3  # the broken image, once per epoch (seeded split: in train)
+    assert (run / "tokenizer" / "tokenizer.json").is_file()
+    write = tmp_path / "query"
+    write.mkdir()
+    world[1]["image"].save(write / "a.png")
+    assert main(["search", "index", str(run / "model"), str(write)]) == 0
+    with pytest.raises(ConfigError, match="pairs.dataset"):
+        load_recipe("clip_world", ["data=pairs"])

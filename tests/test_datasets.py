@@ -172,3 +172,57 @@ def test_csv_manifest_error_names_the_line(tmp_path):
     (tmp_path / "m.csv").write_text("image,label\na.png,cat\nb.png,\n")
     with pytest.raises(ManifestError, match="line 3: 'label'"):
         ManifestDataset(tmp_path / "m.csv")
+
+
+def _write_shard(path, samples):
+    """A webdataset tar: samples = [(key, {ext: bytes})], members in key order."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _png(colour) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 10), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_webdataset_shards_read_at_random_with_labels_captions_and_bad_samples(tmp_path):
+    import pickle
+
+    from vlkit.data.datasets import WebDatasetShards, shard_paths
+
+    (tmp_path / "shards").mkdir()
+    _write_shard(tmp_path / "shards" / "train-000.tar", [
+        ("a/s0", {"png": _png((255, 0, 0)), "cls": b"cat", "txt": b"a red cat"}),
+        ("a/s1", {"jpg": b"not an image", "cls": b"dog", "txt": b"a broken dog"}),
+        ("a/s2", {"cls": b"dog", "txt": b"no image here"})])  # incomplete: left out, counted
+    _write_shard(tmp_path / "shards" / "train-001.tar", [
+        ("b/s0", {"png": _png((0, 0, 255)), "json": json.dumps({"label": "dog", "caption": "a blue dog"}).encode()}),
+        ("b/s1", {"png": _png((0, 255, 0)), "cls": b"cat", "txt": b"  "})])  # empty caption: skipped
+    spec = str(tmp_path / "shards" / "train-{000..001}.tar")
+    assert shard_paths(spec) == shard_paths(tmp_path / "shards") == shard_paths(str(tmp_path / "shards" / "*.tar"))
+    ds = WebDatasetShards(spec)
+    assert len(ds) == 4 and ds.num_incomplete == 1 and ds.classes == ["cat", "dog"]
+    first = ds[0]
+    assert first["image"].size == (12, 10) and first["image"].getpixel((0, 0)) == (255, 0, 0)
+    assert (first["label"], first["caption"]) == (0, "a red cat")
+    assert ds[1] is None and ds[3] is None  # corrupt image, blank caption
+    ds = pickle.loads(pickle.dumps(ds))  # DataLoader workers get a copy without open files
+    assert ds[2]["caption"] == "a blue dog" and ds[2]["label"] == 1 and ds[2]["image"].getpixel((0, 0)) == (0, 0, 255)
+    with pytest.raises(FileNotFoundError):
+        shard_paths(str(tmp_path / "shards" / "train-{000..002}.tar"))
+    (tmp_path / "x.tar.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match="decompress"):
+        shard_paths(tmp_path / "x.tar.gz")
+    _write_shard(tmp_path / "odd.tar", [("k0", {"png": _png((1, 1, 1)), "txt": b"x"}), ("k1", {"png": _png((1, 1, 1))})])
+    with pytest.raises(ValueError, match="same"):
+        WebDatasetShards(tmp_path / "odd.tar")

@@ -100,6 +100,7 @@ def print_eval(evals: dict) -> None:
     retrieval = {k: v for k, v in evals.items() if isinstance(v, dict) and "i2t_R@1" in v}
     if retrieval:
         keys = ["zero_shot_top1", "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "i2t_mean_rank", "t2i_mean_rank"]
+        keys = [k for k in keys if any(k in m for m in retrieval.values())]  # image-caption pairs: no zero-shot
         print("| split | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
         for split, m in retrieval.items():
             print(f"| {split} | " + " | ".join(f"{m[k]:.2f}" for k in keys) + " |")

@@ -67,7 +67,8 @@ class Embedder:
             raise ValueError(f"{path} holds a {type(model).__name__}, not a CLIP-style model (image + text towers)")
         if doc.get("format") == "vlkit":
             cfg = doc["config"]
-            tdict = cfg["transform"] if cfg.get("data", "world") == "world" else cfg["classes"]["transform"]
+            data = cfg.get("data", "world")
+            tdict = cfg["transform"] if data == "world" else cfg[data]["transform"]  # classes / pairs
             tcfg = from_dict(TransformConfig, tdict)
             tok_dir = next((d for d in (folder / "tokenizer", folder.parent / "tokenizer")
                             if (d / "tokenizer.json").is_file()), None)

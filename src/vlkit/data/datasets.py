@@ -1,5 +1,5 @@
-"""Real-image datasets: Fashion-MNIST (offline, from the Debian package), ImageFolder trees and
-JSONL/CSV manifests.
+"""Real-image datasets: Fashion-MNIST (offline, from the Debian package), ImageFolder trees,
+JSONL/CSV manifests and webdataset-layout tar shards.
 
 Every dataset returns sample dicts (see ``vlkit.data.base``) with ``"image"`` a PIL RGB image.
 An unusable item (corrupt / missing image, empty caption) makes ``dataset[i]`` return ``None``;
@@ -11,9 +11,13 @@ Benchmarking Machine Learning Algorithms" (idx format of LeCun et al.'s MNIST).
 from __future__ import annotations
 
 import csv
+import glob
 import gzip
 import json
 import logging
+import os
+import re
+import tarfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -201,6 +205,26 @@ def _parse_label(raw: Any, from_csv: bool) -> int | str:
     return raw
 
 
+def index_labels(records: list[dict], path: str | Path) -> tuple[list[str], dict[str, int]]:
+    """Classes and name -> index of ``records`` (dicts with an optional ``"label"``, int or class name,
+    and ``"line"`` naming the record in errors); converts name labels to indices in place."""
+    labelled = [r for r in records if "label" in r]
+    if not labelled:
+        return [], {}
+    names = [r for r in labelled if isinstance(r["label"], str)]
+    if names and len(names) != len(labelled):
+        odd = next(r for r in labelled if not isinstance(r["label"], str))
+        raise ManifestError(path, odd["line"], "labels mix class indices and class names")
+    if not names:
+        classes = [str(i) for i in range(max(r["label"] for r in labelled) + 1)]
+        return classes, {name: i for i, name in enumerate(classes)}
+    classes = sorted({r["label"] for r in labelled})
+    class_to_idx = {name: i for i, name in enumerate(classes)}
+    for r in labelled:
+        r["label"] = class_to_idx[r["label"]]
+    return classes, class_to_idx
+
+
 class ManifestDataset(_ImageFileDataset):
     """Image (+ label, + caption) dataset read from a JSONL or CSV manifest.
 
@@ -226,7 +250,7 @@ class ManifestDataset(_ImageFileDataset):
             self.records.append(self._check(number, record))
         if not self.records:
             raise ManifestError(self.path, 0, "manifest has no entries")
-        self.classes, self.class_to_idx = self._index_labels()
+        self.classes, self.class_to_idx = index_labels(self.records, self.path)
         self.num_empty_captions = sum(1 for r in self.records if "caption" in r and not r["caption"].strip())
         if self.num_empty_captions:
             log.info("%s: %d entries with empty captions will be skipped", self.path, self.num_empty_captions)
@@ -252,24 +276,6 @@ class ManifestDataset(_ImageFileDataset):
                 raise ManifestError(self.path, number, str(e)) from None
         return entry
 
-    def _index_labels(self) -> tuple[list[str], dict[str, int]]:
-        """Classes and name -> index; converts name labels in ``records`` to indices."""
-        labelled = [r for r in self.records if "label" in r]
-        if not labelled:
-            return [], {}
-        names = [r for r in labelled if isinstance(r["label"], str)]
-        if names and len(names) != len(labelled):
-            odd = next(r for r in labelled if not isinstance(r["label"], str))
-            raise ManifestError(self.path, odd["line"], "labels mix class indices and class names")
-        if not names:
-            classes = [str(i) for i in range(max(r["label"] for r in labelled) + 1)]
-            return classes, {name: i for i, name in enumerate(classes)}
-        classes = sorted({r["label"] for r in labelled})
-        class_to_idx = {name: i for i, name in enumerate(classes)}
-        for r in labelled:
-            r["label"] = class_to_idx[r["label"]]
-        return classes, class_to_idx
-
     def __len__(self) -> int:
         return len(self.records)
 
@@ -280,5 +286,130 @@ class ManifestDataset(_ImageFileDataset):
             return None
         image = self._load(index, record["image"])
         if image is None:
+            return None
+        return {"image": image, **{k: record[k] for k in ("label", "caption") if k in record}}
+
+
+# ----------------------------------------------------------------------------- webdataset shards
+
+SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "gif", "tif", "tiff")
+
+
+def shard_paths(spec: str | Path) -> list[Path]:
+    """The tar shards ``spec`` names: one ``.tar``, a folder (its ``*.tar``), a glob (``train-*.tar``) or
+    webdataset's brace range (``train-{000..009}.tar``), in sorted order."""
+    spec = str(spec)
+    brace = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
+    if brace:
+        lo, hi, width = int(brace.group(1)), int(brace.group(2)), len(brace.group(1))
+        paths = [Path(spec[:brace.start()] + f"{i:0{width}d}" + spec[brace.end():]) for i in range(lo, hi + 1)]
+    elif any(c in spec for c in "*?["):
+        paths = [Path(p) for p in sorted(glob.glob(spec))]
+    elif Path(spec).is_dir():
+        paths = sorted(Path(spec).glob("*.tar"))
+    else:
+        paths = [Path(spec)]
+    if not paths:
+        raise FileNotFoundError(f"no tar shards match {spec}")
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"shard {p} not found")
+        if p.name.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
+            raise ValueError(f"{p}: compressed shards cannot be read at random; decompress them to .tar")
+    return paths
+
+
+def _member_text(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
+    return tar.extractfile(member).read().decode("utf-8").strip()
+
+
+class WebDatasetShards(_ImageFileDataset):
+    """Samples of webdataset-layout tar shards (:func:`shard_paths`), read at random (map-style: any
+    sampler, shuffling, distributed sharding and exact resume work as for files).
+
+    A sample is the files of one key (the member name up to the first dot of its base name):
+    an image (``.jpg``, ``.png``, ...), optionally ``.cls`` (class index, or class name), ``.txt``
+    (caption) and ``.json`` (its ``"label"`` and ``"caption"`` fill what the others did not). The
+    shards' headers are scanned once at construction (captions and labels read then; images stay in
+    the shards, read by offset). Keys without an image are counted (``num_incomplete``) and left out;
+    every kept sample must carry the same optional fields. Samples as :class:`ManifestDataset`'s:
+    ``{"image", "label"?, "caption"?}``, ``None`` for an unusable image or an empty caption."""
+
+    def __init__(self, spec: str | Path):
+        super().__init__()
+        self.spec, self.shards = str(spec), shard_paths(spec)
+        self.records: list[dict] = []
+        self.num_incomplete = 0
+        for i, shard in enumerate(self.shards):
+            self._scan(i, shard)
+        if not self.records:
+            raise ValueError(f"{self.spec}: no samples with an image in {len(self.shards)} shard(s)")
+        fields = lambda r: sorted(k for k in ("label", "caption") if k in r)  # noqa: E731
+        odd = next((r for r in self.records if fields(r) != fields(self.records[0])), None)
+        if odd is not None:
+            raise ValueError(f"{self.spec}: sample {odd['line']} has fields {fields(odd)}, sample "
+                             f"{self.records[0]['line']} {fields(self.records[0])}: every sample needs the same")
+        self.classes, self.class_to_idx = index_labels(self.records, self.spec)
+        if self.num_incomplete:
+            log.warning("%s: %d keys without an image left out", self.spec, self.num_incomplete)
+        self._handles: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def _scan(self, index: int, shard: Path) -> None:
+        samples: dict[str, dict] = {}
+        try:
+            with tarfile.open(shard, "r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, base = os.path.split(member.name)
+                    stem, _, ext = base.partition(".")
+                    rec = samples.setdefault(os.path.join(folder, stem), {"line": f"{shard.name}:{folder}/{stem}"})
+                    ext = ext.lower()
+                    if ext in SHARD_IMAGE_EXTS:
+                        rec["image"] = (index, member.offset_data, member.size, member.name)
+                    elif ext == "cls":
+                        rec["label"] = _parse_label(_member_text(tar, member), from_csv=True)
+                    elif ext == "txt":
+                        rec["caption"] = _member_text(tar, member)
+                    elif ext == "json":
+                        doc = json.loads(tar.extractfile(member).read())
+                        if isinstance(doc.get("caption"), str):
+                            rec.setdefault("caption", doc["caption"])
+                        if "label" in doc:
+                            rec.setdefault("label", _parse_label(doc["label"], from_csv=False))
+        except (tarfile.TarError, OSError, ValueError) as e:
+            raise ValueError(f"shard {shard}: {type(e).__name__}: {e}") from e
+        for rec in samples.values():
+            if "image" in rec:
+                self.records.append(rec)
+            else:
+                self.num_incomplete += 1
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        if self._pid != os.getpid():  # a DataLoader worker: its own file handles
+            self._handles, self._pid = {}, os.getpid()
+        if shard not in self._handles:
+            self._handles[shard] = open(self.shards[shard], "rb")
+        f = self._handles[shard]
+        f.seek(offset)
+        return f.read(size)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Optional[dict]:
+        record = self.records[index]
+        if "caption" in record and not (record["caption"] or "").strip():
+            self._skip(index, "empty caption")
+            return None
+        shard, offset, size, name = record["image"]
+        try:
+            image = load_image(f"{self.shards[shard]}:{name}", data=self._read(shard, offset, size))
+        except BadImageError as e:
+            self._skip(index, str(e))
             return None
         return {"image": image, **{k: record[k] for k in ("label", "caption") if k in record}}

@@ -15,6 +15,7 @@ What :func:`load_image` handles:
 """
 from __future__ import annotations
 
+import io
 import logging
 import struct
 import warnings
@@ -87,13 +88,13 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = BACKGROUND) ->
     return image.convert("RGB")
 
 
-def _decode(path: Path, max_pixels: int) -> Image.Image:
-    """Open ``path``, check its pixel count from the header, then decode it fully."""
-    if path.stat().st_size == 0:
+def _decode(path: Path, max_pixels: int, data: bytes | None = None) -> Image.Image:
+    """Open ``path`` (or ``data``, the file's bytes), check its pixel count from the header, then decode it fully."""
+    if (len(data) if data is not None else path.stat().st_size) == 0:
         raise BadImageError(path, "empty file")
     with warnings.catch_warnings():  # we apply our own pixel budget below
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.open(path)
+        image = Image.open(io.BytesIO(data) if data is not None else path)
     try:
         width, height = image.size
         if width * height > max_pixels:
@@ -107,10 +108,10 @@ def _decode(path: Path, max_pixels: int) -> Image.Image:
     return image
 
 
-def _open_checked(path: Path, max_pixels: int) -> Image.Image:
+def _open_checked(path: Path, max_pixels: int, data: bytes | None = None) -> Image.Image:
     """:func:`_decode`, with every PIL / OS failure turned into a :class:`BadImageError`."""
     try:
-        return _decode(path, max_pixels)
+        return _decode(path, max_pixels, data)
     except BadImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -129,14 +130,16 @@ def load_image(
     path: str | Path,
     background: tuple[int, int, int] = BACKGROUND,
     max_pixels: int = MAX_PIXELS,
+    data: bytes | None = None,
 ) -> Image.Image:
-    """Load ``path`` as an RGB ``PIL.Image`` with EXIF orientation applied.
+    """Load ``path`` as an RGB ``PIL.Image`` with EXIF orientation applied (``data``: the file's bytes,
+    read elsewhere, e.g. from a tar shard; ``path`` then only names it in errors).
 
     Raises :class:`BadImageError` (a ``ValueError``) naming the path and the reason for files
     that are missing, empty, not images, corrupt, truncated, or larger than ``max_pixels``.
     """
     path = Path(path)
-    with _open_checked(path, max_pixels) as raw:  # closes multi-frame files too
+    with _open_checked(path, max_pixels, data) as raw:  # closes multi-frame files too
         try:
             return to_rgb(ImageOps.exif_transpose(raw), background)  # exif_transpose copies
         except _DECODE_ERRORS as e:

@@ -9,6 +9,11 @@ templates); the final evaluation adds the test and compositional (held-out colou
 a {class}."), the text tower is a pretrained BERT-family encoder (all-MiniLM-L6-v2) locked with
 ``lock_text: 0``, whose caption features are computed once and cached; evaluation is zero-shot
 top-1 from the class names alone.
+
+``data: pairs``: your own image-caption pairs, a JSONL/CSV manifest (``image`` + ``caption``) or
+webdataset tar shards (``.jpg`` + ``.txt``), through ``pairs`` (a :class:`DataConfig`: train / val /
+test paths, or a held-out validation split); a BPE is trained on the training captions; evaluation is
+Recall@K both ways on each split, and zero-shot top-1 when the pairs are labelled too.
 """
 from __future__ import annotations
 
@@ -79,8 +84,11 @@ class ContrastiveConfig:
     templates: tuple[str, ...] = ("a large {}", "a large {} with a small object", "a {}")
     eval_limit: int = 500  # scenes of each evaluated world split; data=classes: validation samples
     eval_batch_size: int = 256
-    data: Literal["world", "classes"] = "world"  # world scenes + captions | a labelled dataset captioned
+    data: Literal["world", "classes", "pairs"] = "world"  # world scenes + captions | a labelled dataset captioned
+    # from templates | image-caption pairs (manifest or webdataset shards)
     classes: DataConfig = field(default_factory=DataConfig)  # data=classes: the labelled dataset and transform
+    pairs: DataConfig = field(default_factory=lambda: DataConfig(dataset="world", val_size=500))
+    # data=pairs: the captioned dataset (dataset: manifest | webdataset; train/val/test paths) and transform
     class_names: tuple[str, ...] = ()  # data=classes: names in captions and prompts (default: the dataset's)
     caption_templates: tuple[str, ...] = CLASS_TEMPLATES  # data=classes: one drawn per (seed, epoch, sample)
     text_tower: Literal["clip", "bert"] = "clip"  # clip: causal, from scratch on a trained BPE; bert: pretrained
@@ -94,8 +102,11 @@ class ContrastiveConfig:
     def __post_init__(self):
         if self.vision.num_classes:
             raise ConfigError("vision.num_classes", "must be 0: the image tower returns pooled features")
-        sizes = [self.transform.image_size, self.world.image_size] if self.data == "world" else \
-            [self.classes.transform.image_size]
+        if self.data == "pairs" and self.pairs.dataset not in ("manifest", "webdataset"):
+            raise ConfigError("pairs.dataset", "data=pairs reads a manifest (JSONL/CSV with image + caption) or "
+                                               "webdataset shards (.jpg + .txt): set pairs.dataset and pairs.train")
+        sizes = {"world": [self.transform.image_size, self.world.image_size],
+                 "classes": [self.classes.transform.image_size], "pairs": [self.pairs.transform.image_size]}[self.data]
         if any(s != self.vision.image_size for s in sizes):
             raise ConfigError("vision.image_size", f"the data's image size(s) {sizes} differ from the tower's "
                                                    f"{self.vision.image_size}")
@@ -169,7 +180,8 @@ def encode_texts(model: CLIP, tokenizer: TextTokenizer, texts: list[str], contex
 @torch.no_grad()
 def embed_split(model: CLIP, dataset, tokenizer: TextTokenizer, context: int, batch_size: int,
                 captions: bool = True) -> dict:
-    """{"image", "text" (N, D) unnormalised (text only with ``captions``), "label" (N,)} over ``dataset``."""
+    """{"image", "text" (N, D) unnormalised (text only with ``captions``), "label" (N,) (labelled data)} over
+    ``dataset``."""
     model.eval()
     device = next(model.parameters()).device
     out: dict[str, list] = {"image": [], "text": [], "label": []}
@@ -179,18 +191,22 @@ def embed_split(model: CLIP, dataset, tokenizer: TextTokenizer, context: int, ba
         out["image"].append(model.encode_image(batch["image"].to(device)).cpu())
         if captions:
             out["text"].append(encode_texts(model, tokenizer, batch["caption"], context))
-        out["label"].append(batch["label"])
+        if "label" in batch:
+            out["label"].append(batch["label"])
     return {k: torch.cat(v) for k, v in out.items() if v}
 
 
 @torch.no_grad()
 def evaluate_split(model: CLIP, dataset, tokenizer: TextTokenizer, cfg: ContrastiveConfig,
                    class_names: list[str]) -> dict:
-    """Zero-shot top-1 (%) from ``class_names`` through ``cfg.templates``; on the world also Recall@1/5/10
-    both ways and mean ranks (class-captioned data has identical captions: retrieval would be moot)."""
-    retrieval = cfg.data == "world"
+    """Zero-shot top-1 (%) from ``class_names`` through ``cfg.templates`` (when the samples are labelled);
+    on the world and on pairs Recall@1/5/10 both ways and mean ranks (class-captioned data has identical
+    captions: retrieval would be moot)."""
+    retrieval = cfg.data in ("world", "pairs")
     emb = embed_split(model, dataset, tokenizer, cfg.text.context_length, cfg.eval_batch_size, captions=retrieval)
     metrics = retrieval_metrics(emb["image"], emb["text"]) if retrieval else {}
+    if not class_names or "label" not in emb:
+        return metrics
     classifier = zero_shot_classifier(lambda p: encode_texts(model, tokenizer, p, cfg.text.context_length),
                                       class_names, cfg.templates)
     preds = zero_shot_logits(emb["image"], classifier).argmax(1)
@@ -203,15 +219,31 @@ def build_data(cfg: ContrastiveConfig) -> tuple[Dataset, dict[str, Dataset], lis
     if cfg.data == "world":
         evals = {name: scene_split(cfg, name, False, task="retrieval") for name in SCENE_SPLITS}
         return scene_split(cfg, "train", True, task="retrieval"), evals, list(cfg.world.shapes)
-    splits = build_splits(cfg.classes)
+    data = cfg.pairs if cfg.data == "pairs" else cfg.classes
+    splits = build_splits(data)
     names = list(cfg.class_names or splits.classes)
     if len(names) != len(splits.classes):
         raise ConfigError("class_names", f"{len(names)} names for the {len(splits.classes)} classes "
                                          f"{splits.classes}")
-    train = ClassCaptions(train_dataset(splits, cfg.classes), names, cfg.caption_templates, seed=cfg.train.seed)
+    if cfg.data == "pairs":
+        if not captions_of(splits.train, 1):
+            raise ConfigError("pairs.train", f"{data.train}: the samples carry no captions")
+        train = train_dataset(splits, data)
+    else:
+        train = ClassCaptions(train_dataset(splits, data), names, cfg.caption_templates, seed=cfg.train.seed)
     val = limit_dataset(splits.val, cfg.eval_limit)
     raw = {"val": val, **({"test": splits.test} if splits.test is not None else {}), **splits.extra}
-    return train, {k: eval_dataset(v, cfg.classes) for k, v in raw.items()}, names
+    return train, {k: eval_dataset(v, data) for k, v in raw.items()}, names
+
+
+def captions_of(dataset, n: int) -> list[str]:
+    """The captions of the first ``n`` samples of a manifest / webdataset split (read from its records,
+    no image decoded; a held-out :class:`~vlkit.tasks.data.Subset` maps its indices)."""
+    indices = list(range(len(dataset)))
+    while not hasattr(dataset, "records") and hasattr(dataset, "base"):
+        indices, dataset = [dataset.indices[i] for i in indices], dataset.base
+    records = getattr(dataset, "records", [])
+    return [records[i]["caption"] for i in indices[:n] if "caption" in records[i] and records[i]["caption"].strip()]
 
 
 def load_tokenizer(run_dir: Path, cfg: ContrastiveConfig) -> TextTokenizer:
@@ -227,6 +259,9 @@ def load_tokenizer(run_dir: Path, cfg: ContrastiveConfig) -> TextTokenizer:
         world = WorldDataset(cfg.world, "train", length=min(cfg.tokenizer_captions, cfg.world.train_length),
                              task="retrieval")
         tok = train_bpe((world[i]["caption"] for i in range(len(world))), vocab_size=cfg.text.vocab_size)
+    elif cfg.data == "pairs":
+        tok = train_bpe(captions_of(build_splits(cfg.pairs).train, cfg.tokenizer_captions),
+                        vocab_size=cfg.text.vocab_size)
     else:
         names = cfg.class_names or build_splits(cfg.classes).classes
         tok = train_bpe((t.format(n) for t in cfg.caption_templates + cfg.templates for n in names),
@@ -263,7 +298,7 @@ def evaluate_run(run: str | Path, overrides: list[str] | tuple = ()) -> dict:
     from vlkit.tasks.data import eval_config
 
     cfg = eval_config(ContrastiveConfig, run, overrides, ("eval_limit", "eval_batch_size", "world.", "templates",
-                                                          "classes.", "class_names"))
+                                                          "classes.", "pairs.", "class_names"))
     folder = model_folder(run) / "tokenizer"
     if not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{folder / 'tokenizer.json'}: the run's tokenizer is missing")

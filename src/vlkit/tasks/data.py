@@ -1,7 +1,7 @@
 """Image-classification data: one config picks the dataset; :func:`build_splits` gives train/val/test.
 
 Datasets: Fashion-MNIST (Debian files), the synthetic world (always there, the fallback when
-Fashion-MNIST is missing), an ImageFolder tree, JSONL/CSV manifests. Transforms come from
+Fashion-MNIST is missing), an ImageFolder tree, JSONL/CSV manifests, webdataset tar shards. Transforms come from
 :class:`vlkit.data.transforms.TransformConfig`; each split is wrapped in a
 :class:`vlkit.data.base.TransformedDataset` so augmentation is seeded per (seed, epoch, index).
 """
@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from vlkit.config import ConfigError
 from vlkit.data.base import TransformedDataset
-from vlkit.data.datasets import FASHION_MNIST_ROOT, FashionMNIST, ImageFolder, ManifestDataset
+from vlkit.data.datasets import FASHION_MNIST_ROOT, FashionMNIST, ImageFolder, ManifestDataset, WebDatasetShards
 from vlkit.data.transforms import TransformConfig, build_transform
 from vlkit.data.world import WorldConfig, WorldDataset
 
@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 class DataConfig:
     """Where the images and labels come from, and how they are split and transformed."""
 
-    dataset: Literal["fashion_mnist", "world", "imagefolder", "manifest"] = "fashion_mnist"  # source
+    dataset: Literal["fashion_mnist", "world", "imagefolder", "manifest", "webdataset"] = "fashion_mnist"  # source
     root: str = FASHION_MNIST_ROOT  # fashion_mnist: folder of the idx files
-    train: str = ""  # imagefolder: tree root; manifest: JSONL/CSV file, of the training split
+    train: str = ""  # imagefolder: tree root; manifest: JSONL/CSV file; webdataset: a .tar, a folder of them,
+    # a glob or a {000..009} range; of the training split
     val: str = ""  # same for validation; empty = hold out `val_size` training samples
     test: str = ""  # same for the test split; empty = no test split (imagefolder/manifest)
     val_size: int = 5000  # training samples held out for validation when there is no val split
@@ -45,7 +46,7 @@ class DataConfig:
         for name in ("val_size", "train_limit", "eval_limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
-        if self.dataset in ("imagefolder", "manifest") and not self.train:
+        if self.dataset in ("imagefolder", "manifest", "webdataset") and not self.train:
             raise ConfigError("train", f"dataset={self.dataset} needs the path of the training split")
 
 
@@ -99,7 +100,7 @@ def _world_splits(cfg: DataConfig) -> Splits:
 
 
 def _file_splits(cfg: DataConfig) -> Splits:
-    kind = ImageFolder if cfg.dataset == "imagefolder" else ManifestDataset
+    kind = {"imagefolder": ImageFolder, "manifest": ManifestDataset, "webdataset": WebDatasetShards}[cfg.dataset]
     train = kind(cfg.train)
     classes = list(train.classes)
     loaded = {}
