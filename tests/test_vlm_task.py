@@ -287,3 +287,43 @@ def test_an_hf_siglip_vision_folder_is_a_vlm_vision_tower(tmp_path):
     model = vlkit.load(run)
     assert model.features.encoder.cfg.global_pool == "map"
     assert model.features(torch.zeros(1, 3, 32, 32)).shape == (1, 16, 24)  # 4 x 4 patches, no class token
+
+
+def test_an_hf_language_model_folder_is_a_vlm_decoder(tmp_path, capsys):
+    """decoder.kind=hf: an HF Llama folder with its tokenizer.json and chat template (tokenizer_config.json)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from vlkit.data.world import WorldConfig, WorldDataset
+
+    world = WorldDataset(WorldConfig(image_size=32), "train", length=64, task="vqa")
+    texts = [f"{q} {a}" for i in range(64) for q, a in zip(world[i]["questions"], world[i]["answers"])]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(texts * 4, trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder = tmp_path / "lm"
+    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   bos_token_id=0, eos_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    tok.save(str(folder / "tokenizer.json"))
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": chatml, "eos_token": "<|im_end|>", "bos_token": {"content": "<|endoftext|>"}}))
+    run = tmp_path / "run"
+    over = [*TINY, *WORLD, "decoder.kind=hf", f"decoder.path={folder}", "tuning.decoder=lora", "train.max_steps=2"]
+    assert main(["train", "vlm_world_vqa", *over, "--run-dir", str(run)]) == 0
+    doc = json.loads((run / "eval.json").read_text())
+    assert "<|im_start|>assistant" in doc["protocol"]["prompt_example"]
+    image = tmp_path / "x.png"
+    world[0]["image"].save(image)
+    capsys.readouterr()
+    assert main(["predict", str(run), str(image), "--prompt", "what colour is the circle?"]) == 0
+    assert f"{image}: " in capsys.readouterr().out
+    (folder / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="chat template"):
+        main(["train", "vlm_world_vqa", *over, "--run-dir", str(tmp_path / "run2")])

@@ -70,6 +70,7 @@ def _register_builtin() -> None:
 
     register_architecture("dytox", DyToxConfig, build_dytox)
     FOREIGN["llama"] = load_hf_llama
+    FOREIGN["mistral"] = load_hf_llama  # Llama's layout; its sliding window is not applied (exact up to its length)
     FOREIGN["gpt2"] = load_hf_gpt2
 
 

@@ -4,6 +4,7 @@ file, ``chat_template`` in an HF tokenizer config) rendered in a sandbox, as tra
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 
@@ -41,3 +42,21 @@ class ChatTemplate:
 
         return cls(fields["tokenizer.chat_template"].contents(), token("tokenizer.ggml.bos_token_id"),
                    token("tokenizer.ggml.eos_token_id"))
+
+    @classmethod
+    def from_hf(cls, folder: str | Path) -> "ChatTemplate":
+        """The template of an HF model folder: ``chat_template.jinja``, else ``chat_template`` in
+        ``tokenizer_config.json`` (a string, or named templates: the ``default`` one), with its bos / eos tokens."""
+        from vlkit.data.tokenizers import hf_tokenizer_config
+
+        folder = Path(folder)
+        conf = hf_tokenizer_config(folder)
+        template = conf.get("chat_template")
+        if (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text()
+        if isinstance(template, list):  # [{"name": ..., "template": ...}]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if not isinstance(template, str):
+            raise ValueError(f"{folder}: no chat template (chat_template.jinja or tokenizer_config.json's "
+                             "chat_template); a base model needs one written there")
+        return cls(template, conf.get("bos_token") or "", conf.get("eos_token") or "")

@@ -164,17 +164,25 @@ class TextTokenizer:
         """An HF model folder's ``tokenizer.json`` with the special tokens its ``tokenizer_config.json``
         names: the end token added unless ``add_eos_token`` is false (SigLIP's SentencePiece convention),
         the start token only with ``add_bos_token``, padding with ``pad_token`` (else the end token)."""
-        folder = Path(folder)
-        conf_file = folder / "tokenizer_config.json"
-        conf = json.loads(conf_file.read_text()) if conf_file.is_file() else {}
+        conf = hf_tokenizer_config(Path(folder))
+        eos = conf.get("eos_token") if conf.get("add_eos_token", True) else None
+        bos = conf.get("bos_token") if conf.get("add_bos_token", False) else None
+        return cls.from_file(folder, bos=bos, eos=eos, pad=conf.get("pad_token") or conf.get("eos_token"))
 
-        def name(key: str) -> Optional[str]:
-            value = conf.get(key)
-            return value.get("content") if isinstance(value, dict) else value
 
-        eos = name("eos_token") if conf.get("add_eos_token", True) else None
-        bos = name("bos_token") if conf.get("add_bos_token", False) else None
-        return cls.from_file(folder, bos=bos, eos=eos, pad=name("pad_token") or name("eos_token"))
+def hf_tokenizer_config(folder: Path) -> dict:
+    """``tokenizer_config.json`` of an HF folder with its special tokens as strings ({} when absent)."""
+    path = folder / "tokenizer_config.json"
+    conf = json.loads(path.read_text()) if path.is_file() else {}
+    return {k: v.get("content") if isinstance(v, dict) and k.endswith("_token") else v for k, v in conf.items()}
+
+
+def hf_lm_tokenizer(folder: str | Path) -> TextTokenizer:
+    """A language model folder's ``tokenizer.json`` for chat-templated prompts: no start or end token
+    added (the template writes what the model expects, as ``apply_chat_template`` encodes without
+    special tokens; the model's end token ends generation), padding with ``pad_token`` (else ``eos_token``)."""
+    conf = hf_tokenizer_config(Path(folder))
+    return TextTokenizer.from_file(folder, pad=conf.get("pad_token") or conf.get("eos_token"))
 
 
 def clip_bpe_path() -> Path:

@@ -61,7 +61,8 @@ class VisionSource:
 @dataclass
 class DecoderSource:
     kind: Literal["scratch", "smollm2", "gguf", "hf"] = "scratch"
-    path: str = ""  # gguf: a .gguf file; hf: an HF Llama / GPT-2 folder (with tokenizer.json)
+    path: str = ""  # gguf: a .gguf file; hf: an HF Llama / Mistral / GPT-2 folder (with tokenizer.json and a chat
+    # template: chat_template.jinja or tokenizer_config.json's)
     config: DecoderConfig = field(default_factory=lambda: DecoderConfig(
         vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384,
         max_position_embeddings=256, eos_token_id=None))  # kind=scratch (vocab and eos from the tokenizer)
@@ -264,7 +265,12 @@ def build_text(cfg: VLMConfig, run_dir: Path, train_raw: Dataset) -> tuple[TextT
 
         reader = GGUFReader(str(smollm2_path() if cfg.decoder.kind == "smollm2" else cfg.decoder.path))
         return gguf_tokenizer(reader), ChatTemplate.from_gguf(reader), None
-    raise ConfigError("decoder.kind", "hf decoders need their tokenizer and chat template: not supported yet")
+    from vlkit.data.tokenizers import hf_lm_tokenizer  # kind=hf: the folder's tokenizer.json and chat template
+
+    folder = Path(cfg.decoder.path)
+    if not (folder / "tokenizer.json").is_file():
+        raise ConfigError("decoder.path", f"{folder} has no tokenizer.json (an HF language model folder needs one)")
+    return hf_lm_tokenizer(folder), ChatTemplate.from_hf(folder), None
 
 
 def build_vision(cfg: VLMConfig):
