@@ -102,3 +102,46 @@ def test_classifier_config_errors_name_the_field():
         ClassifierConfig(arch="efficientnet_lite0", backbone="efficientnet_lite0")
     with pytest.raises(ConfigError, match="num_classes"):
         ClassifierConfig(num_classes=0)
+
+
+def test_convert_writes_vlkit_folders_that_load_without_the_converter(tmp_path, capsys):
+    """HF Llama (bfloat16 storage), SigLIP (unclamped scale) and ViT folders -> vlkit folders with the same
+    outputs; a vlkit folder and a model without a self-contained description are refused."""
+    from vlkit.cli import main
+
+    torch.manual_seed(0)
+    llama = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(llama).save_pretrained(tmp_path / "llama", safe_serialization=True)
+    siglip = transformers.SiglipConfig(
+        text_config=dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=8),
+        vision_config=dict(image_size=16, patch_size=8, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                           num_attention_heads=4))
+    hf = transformers.SiglipModel(siglip)
+    with torch.no_grad():
+        hf.logit_scale.fill_(4.8)
+    hf.save_pretrained(tmp_path / "siglip", safe_serialization=True)
+    vit = transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=4, intermediate_size=48, num_labels=3)
+    transformers.ViTForImageClassification(vit).save_pretrained(tmp_path / "vit", safe_serialization=True)
+    ids, pixels = torch.randint(0, 50, (2, 8)), torch.randn(2, 3, 16, 16)
+    assert main(["convert", str(tmp_path / "llama"), str(tmp_path / "llama_vk"), "--dtype", "bfloat16"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    for name in ("siglip", "vit"):
+        assert main(["convert", str(tmp_path / name), str(tmp_path / f"{name}_vk")]) == 0
+    with torch.no_grad():
+        a, b = vlkit.load(tmp_path / "llama"), vlkit.load(tmp_path / "llama_vk")
+        ref = a.to(torch.bfloat16).float()(ids)  # the same weights rounded to bfloat16
+        assert torch.allclose(b(ids), ref, atol=1e-5)
+        a, b = vlkit.load(tmp_path / "siglip"), vlkit.load(tmp_path / "siglip_vk")
+        assert torch.equal(a.encode_image(pixels), b.encode_image(pixels))
+        assert torch.equal(a.encode_text(ids), b.encode_text(ids)) and b.scale() > 100
+        assert torch.equal(vlkit.load(tmp_path / "vit")(pixels), vlkit.load(tmp_path / "vit_vk")(pixels))
+    assert json.loads((tmp_path / "siglip_vk" / "config.json").read_text())["architecture"] == "clip_towers"
+    assert main(["convert", str(tmp_path / "vit_vk"), str(tmp_path / "again")]) == 2
+    assert "vlkit folder already" in capsys.readouterr().err
+    from vlkit.checkpoints.convert import describe_model
+
+    with pytest.raises(CheckpointError, match="not offered"):
+        describe_model(torch.nn.Linear(2, 2))

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from vlkit.config import ConfigError, apply_overrides, from_dict, read_yaml
+from vlkit.checkpoints.io import CheckpointError
 from vlkit.data.images import BadImageError
 
 log = logging.getLogger("vlkit")
@@ -225,6 +226,13 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from vlkit.checkpoints.convert import convert
+
+    print(f"wrote {convert(args.src, args.dst, args.dtype)}")
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from vlkit.tasks.quickstart import run_quickstart
 
@@ -269,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
         vlm_cmd.add_argument("--speculative", type=int, default=0, metavar="K", help="VLM runs: the same "
                              "greedy answers, K tokens a round drafted by an int4 copy of the language model")
     _search_parser(sub)
+    v = sub.add_parser("convert", help="write an HF folder or GGUF file as a vlkit folder: vlkit convert SRC DST")
+    v.add_argument("src", help="HF ViT/CLIP/SigLIP/BERT/Llama/Mistral/GPT-2 folder or .gguf file")
+    v.add_argument("dst", help="vlkit model folder to write")
+    v.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="store the weights in this dtype (default: as loaded, float32)")
+    v.set_defaults(fn=cmd_convert)
     q = sub.add_parser("quickstart", help="train, evaluate and report the main job (about 5 CPU minutes)")
     q.add_argument("--out", default="runs/quickstart")
     q.add_argument("--tiny", action="store_true", help="a seconds-long version (smoke test)")
@@ -305,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, BadImageError) as e:
+    except (ConfigError, FileNotFoundError, BadImageError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

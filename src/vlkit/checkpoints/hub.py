@@ -60,6 +60,13 @@ def _register_builtin() -> None:
     from vlkit.decoders.loading import build_causal_lm, load_hf_gpt2, load_hf_llama
 
     register_architecture("causal_lm", DecoderConfig, build_causal_lm)
+    from vlkit.checkpoints.convert import TowersConfig, build_towers
+    from vlkit.encoders.text import BertConfig, BertEncoder
+    from vlkit.encoders.vit import ViTConfig, VisionTransformer
+
+    register_architecture("clip_towers", TowersConfig, build_towers)  # written by vlkit convert
+    register_architecture("vit", ViTConfig, VisionTransformer)
+    register_architecture("bert", BertConfig, BertEncoder)
     from vlkit.tasks.detection import DetectionConfig, build_detr
 
     register_architecture("detr", DetectionConfig, build_detr)
