@@ -35,6 +35,7 @@ ROWS = {
     "cait": ("cait_fmnist", []),
     "cait+mixup": ("cait_fmnist", MIXUP),
     "vit+convstem": ("vit_fmnist", ["model.backbone=conv_stem"]),  # Xiao et al. 2021's stem -> the same 7x7 tokens
+    "vit+convstem3": ("vit_fmnist", ["model.backbone=conv_stem", "model.stem_channels=[32,64,128]"]),  # 4x4 tokens
 }
 VLKIT = [sys.executable, "-m", "vlkit.cli"]
 # The calibration times training steps only: the 8 evaluations and the slower steps of a long
