@@ -149,3 +149,24 @@ def test_attention_pooled_vit_trains_and_checks_its_config():
     with pytest.raises(ValueError, match="visual_proj=False"):
         CLIP(vit, CLIPTextTransformer(CLIPTextConfig(vocab_size=10, width=32, depth=1, num_heads=2, embed_dim=0)),
              embed_dim=16, visual_proj=False)
+
+
+def test_siglip_configs_missing_default_values_and_siglip_scale_and_locking():
+    """Older transformers omitted values equal to the defaults; SigLIP's scale has no clamp at either end;
+    LiT-style partial locking keeps SigLIP's pooling head (its projection) trainable."""
+    import math
+
+    from vlkit.models.clip import siglip_vision_config
+
+    cfg = siglip_vision_config({"patch_size": 14, "image_size": 224})
+    assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.global_pool) == (768, 12, 12, "map")
+    vit = VisionTransformer(ViTConfig(image_size=16, patch_size=8, num_classes=0, embed_dim=32, depth=2, num_heads=2,
+                                      class_token=False, global_pool="map"))
+    text = CLIPTextTransformer(CLIPTextConfig(vocab_size=10, width=32, depth=1, num_heads=2, embed_dim=0))
+    model = CLIP(vit, text, embed_dim=32, visual_proj=False, max_logit_scale=math.inf)
+    with torch.no_grad():
+        model.logit_scale.fill_(-1.0)
+    assert model.scale().item() == pytest.approx(math.exp(-1))
+    model.lock("visual", 1)
+    assert all(p.requires_grad for p in vit.attn_pool.parameters())
+    assert not any(p.requires_grad for p in vit.blocks[0].parameters())

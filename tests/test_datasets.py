@@ -204,14 +204,16 @@ def test_webdataset_shards_read_at_random_with_labels_captions_and_bad_samples(t
     _write_shard(tmp_path / "shards" / "train-000.tar", [
         ("a/s0", {"png": _png((255, 0, 0)), "cls": b"cat", "txt": b"a red cat"}),
         ("a/s1", {"jpg": b"not an image", "cls": b"dog", "txt": b"a broken dog"}),
-        ("a/s2", {"cls": b"dog", "txt": b"no image here"})])  # incomplete: left out, counted
+        ("a/s2", {"cls": b"dog", "txt": b"no image here"}),  # incomplete: left out, counted
+        ("a/s3", {"png": _png((9, 9, 9)), "cls": b"dog", "txt": b"\xff\xfe not utf-8"}),  # bad caption: left out
+        ("a/s4", {"png": _png((9, 9, 9)), "json": b"[1, 2]"})])  # a json that is not an object: left out
     _write_shard(tmp_path / "shards" / "train-001.tar", [
         ("b/s0", {"png": _png((0, 0, 255)), "json": json.dumps({"label": "dog", "caption": "a blue dog"}).encode()}),
         ("b/s1", {"png": _png((0, 255, 0)), "cls": b"cat", "txt": b"  "})])  # empty caption: skipped
     spec = str(tmp_path / "shards" / "train-{000..001}.tar")
     assert shard_paths(spec) == shard_paths(tmp_path / "shards") == shard_paths(str(tmp_path / "shards" / "*.tar"))
     ds = WebDatasetShards(spec)
-    assert len(ds) == 4 and ds.num_incomplete == 1 and ds.classes == ["cat", "dog"]
+    assert len(ds) == 4 and ds.num_incomplete == 1 and ds.num_bad == 2 and ds.classes == ["cat", "dog"]
     first = ds[0]
     assert first["image"].size == (12, 10) and first["image"].getpixel((0, 0)) == (255, 0, 0)
     assert (first["label"], first["caption"]) == (0, "a red cat")

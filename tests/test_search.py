@@ -170,6 +170,10 @@ def test_hf_siglip_folder_searches_with_its_own_tokenizer(tmp_path, capsys):
     assert main(["search", "index", str(folder), str(tmp_path / "imgs")]) == 0
     assert main(["search", "query", str(tmp_path / "imgs" / ".vlkit_index"), "a red circle", "-k", "2"]) == 0
     assert capsys.readouterr().out.count("scene") >= 2
+    from vlkit.checkpoints.convert import convert
+
+    converted = Embedder.load(convert(folder, tmp_path / "siglip_vk"))  # its tokenizer files travel along
+    assert torch.equal(converted.texts(["a photo of a red circle"]), embedder.texts(["a photo of a red circle"]))
     (folder / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Embedder.load(folder)

@@ -325,5 +325,5 @@ def test_an_hf_language_model_folder_is_a_vlm_decoder(tmp_path, capsys):
     assert main(["predict", str(run), str(image), "--prompt", "what colour is the circle?"]) == 0
     assert f"{image}: " in capsys.readouterr().out
     (folder / "tokenizer_config.json").write_text("{}")
-    with pytest.raises(ValueError, match="chat template"):
-        main(["train", "vlm_world_vqa", *over, "--run-dir", str(tmp_path / "run2")])
+    assert main(["train", "vlm_world_vqa", *over, "--run-dir", str(tmp_path / "run2")]) == 2
+    assert "chat template" in capsys.readouterr().err

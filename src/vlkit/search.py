@@ -65,7 +65,8 @@ class Embedder:
         model = vlkit.load(folder)
         if not isinstance(model, CLIP):
             raise ValueError(f"{path} holds a {type(model).__name__}, not a CLIP-style model (image + text towers)")
-        if doc.get("format") == "vlkit":
+        converted = doc.get("architecture") == "clip_towers"  # vlkit convert of an HF folder: its own files
+        if doc.get("format") == "vlkit" and not converted:
             cfg = doc["config"]
             data = cfg.get("data", "world")
             tdict = cfg["transform"] if data == "world" else cfg[data]["transform"]  # classes / pairs
@@ -76,15 +77,15 @@ class Embedder:
                 raise FileNotFoundError(f"no tokenizer/ next to {folder} (a vlkit contrastive run saves one)")
             tokenizer, context = TextTokenizer.from_file(tok_dir), cfg["text"]["context_length"]
         else:  # HF CLIPModel: OpenAI's BPE and preprocessing; SiglipModel: its tokenizer.json, mean = std = 0.5
-            siglip = doc.get("model_type") == "siglip"
+            siglip = (doc.get("meta", {}) if converted else doc).get("model_type") == "siglip"
             prep_file = folder / "preprocessor_config.json"
             prep = json.loads(prep_file.read_text()) if prep_file.is_file() else {}
             mean, std = ((0.5,) * 3, (0.5,) * 3) if siglip else (OPENAI_MEAN, OPENAI_STD)
             tcfg = TransformConfig(image_size=model.visual.cfg.image_size, crop_pct=1.0, interpolation="bicubic",
                                    mean=tuple(prep.get("image_mean", mean)), std=tuple(prep.get("image_std", std)))
             if siglip and not (folder / "tokenizer.json").is_file():
-                raise FileNotFoundError(f"{folder}: a SigLIP folder needs its tokenizer.json (save the fast "
-                                        "tokenizer next to the weights)")
+                raise FileNotFoundError(f"{folder}: a SigLIP folder needs a tokenizer.json (SigLIP 2 folders ship "
+                                        "one; SigLIP 1's spiece.model is not read)")
             tokenizer = TextTokenizer.from_hf_folder(folder) if siglip else clip_tokenizer()
             context = model.text.cfg.context_length  # SigLIP reads its text padded to this length
         return cls(model, tokenizer, build_transform(tcfg, train=False), context, _fingerprint(folder))

@@ -2,7 +2,9 @@
 BERT, Llama, Mistral and GPT-2 folders, GGUF files) written once as a vlkit folder (``config.json`` +
 ``model.safetensors``) that :func:`vlkit.load` reads directly: a GGUF file is dequantised once instead
 of at every load, HF tensors are renamed and fused once. ``dtype`` stores the weights in bfloat16 or
-float16 (half the size; they load back as the model's float32).
+float16 (half the size; they load back as the model's float32). The folder's tokenizer, chat template and
+preprocessing files are copied along, so a converted CLIP / SigLIP serves ``vlkit search`` and a converted
+language model ``decoder.kind=hf``.
 
 Models with no self-contained description (a hybrid ViT's convnet, a VLM made of several checkpoints)
 are refused with the reason; a vlkit folder is already converted.
@@ -10,6 +12,7 @@ are refused with the reason; a vlkit folder is already converted.
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -22,6 +25,8 @@ from vlkit.encoders.text import BertEncoder, CLIPTextConfig, CLIPTextTransformer
 from vlkit.encoders.vit import ViTConfig, VisionTransformer
 from vlkit.models.clip import CLIP
 
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
+              "chat_template.jinja", "generation_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -72,7 +77,9 @@ def convert(src: str | Path, dst: str | Path, dtype: Optional[str] = None) -> Pa
     import vlkit
     from vlkit.checkpoints.hub import read_model_config, save_model
 
-    if Path(src).suffix != ".gguf" and read_model_config(src).get("format") == "vlkit":
+    gguf = Path(src).suffix == ".gguf"
+    source = {} if gguf else read_model_config(src)
+    if source.get("format") == "vlkit":
         raise CheckpointError(f"{src} is a vlkit folder already")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
@@ -80,4 +87,11 @@ def convert(src: str | Path, dst: str | Path, dtype: Optional[str] = None) -> Pa
     architecture, cfg = describe_model(model)
     if dtype is not None:
         model = model.to(DTYPES[dtype])
-    return save_model(model, dst, architecture, cfg, meta={"converted_from": str(src), "dtype": dtype or "as loaded"})
+    meta = {"converted_from": str(src), "model_type": source.get("model_type", "gguf" if gguf else None),
+            "dtype": dtype or "as loaded"}
+    folder = save_model(model, dst, architecture, cfg, meta=meta)
+    if not gguf:  # what reads the model's text and images travels with it (vlkit search, decoder.kind=hf)
+        for name in SIDE_FILES:
+            if (Path(src) / name).is_file():
+                shutil.copy2(Path(src) / name, folder / name)
+    return folder

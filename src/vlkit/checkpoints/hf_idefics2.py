@@ -61,11 +61,11 @@ def load_hf_idefics2(folder: str | Path) -> VLM:
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {folder} (pickled checkpoints are never read)")
     state = {k: w for f in files for k, w in read_safetensors(f).items()}
-    text, perceiver = raw["text_config"], raw["perceiver_config"]
+    text, perceiver = raw["text_config"], raw.get("perceiver_config", {})
     if text.get("model_type", "mistral") not in ("mistral", "llama"):
         raise CheckpointError(f"{folder}: Idefics2 text model {text.get('model_type')!r} is not supported "
                               "(mistral, llama)")
-    vcfg = replace(siglip_vision_config({**raw["vision_config"], "vision_use_head": False}), pos_resize="bucket")
+    vcfg = replace(siglip_vision_config({"patch_size": 32, **raw["vision_config"], "vision_use_head": False}), pos_resize="bucket")
     vision = VisionTransformer(vcfg)
     load_state_dict_strict(vision, convert_hf_siglip_vision(_split(state, "model.vision_model.", "vision_model."),
                                                             vcfg.depth), source=f"{folder} (vision)")
@@ -76,14 +76,15 @@ def load_hf_idefics2(folder: str | Path) -> VLM:
         {"lm_head.weight": lm_state["model.embed_tokens.weight"]} if dcfg.tie_embeddings else {})},
         source=f"{folder} (language model)")
     connector = Idefics2Connector(vcfg.embed_dim, dcfg.hidden_size, dcfg.intermediate_size,
-                                  num_tokens=perceiver["resampler_n_latents"], depth=perceiver["resampler_depth"],
-                                  num_heads=perceiver["resampler_n_heads"],
-                                  kv_heads=perceiver.get("num_key_value_heads", 0),
-                                  head_dim=perceiver.get("resampler_head_dim", 0),
-                                  eps=perceiver.get("rms_norm_eps", text.get("rms_norm_eps", 1e-6)))
+                                  num_tokens=perceiver.get("resampler_n_latents", 64),
+                                  depth=perceiver.get("resampler_depth", 3),
+                                  num_heads=perceiver.get("resampler_n_heads", 16),
+                                  kv_heads=perceiver.get("num_key_value_heads", 4),  # transformers' defaults
+                                  head_dim=perceiver.get("resampler_head_dim", 96),
+                                  eps=perceiver.get("rms_norm_eps", 1e-6))
     load_state_dict_strict(connector, idefics2_state_from_hf(_split(state, "model.connector.")),
                            source=f"{folder} (connector)")
     model = VLM(vision, connector, decoder, InjectionConfig(style="tokens", features="last"),
-                image_token_id=raw["image_token_id"], num_visual_tokens=perceiver["resampler_n_latents"])
+                image_token_id=raw.get("image_token_id", 32001), num_visual_tokens=connector.latents.shape[0])
     log.info("loaded Idefics2 from %s: %d visual tokens per image", folder, model.num_visual_tokens)
     return model.eval()

@@ -323,6 +323,22 @@ def _member_text(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
     return tar.extractfile(member).read().decode("utf-8").strip()
 
 
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, rec: dict, shard: int) -> None:
+    """Fill the sample ``rec`` from one member: the image's place, or its label / caption."""
+    if ext in SHARD_IMAGE_EXTS:
+        rec["image"] = (shard, member.offset_data, member.size, member.name)
+    elif ext == "cls":
+        rec["label"] = _parse_label(_member_text(tar, member), from_csv=True)
+    elif ext == "txt":
+        rec["caption"] = _member_text(tar, member)
+    elif ext == "json":
+        doc = json.loads(tar.extractfile(member).read())
+        if isinstance(doc.get("caption"), str):
+            rec.setdefault("caption", doc["caption"])
+        if "label" in doc:
+            rec.setdefault("label", _parse_label(doc["label"], from_csv=False))
+
+
 class WebDatasetShards(_ImageFileDataset):
     """Samples of webdataset-layout tar shards (:func:`shard_paths`), read at random (map-style: any
     sampler, shuffling, distributed sharding and exact resume work as for files).
@@ -331,7 +347,8 @@ class WebDatasetShards(_ImageFileDataset):
     an image (``.jpg``, ``.png``, ...), optionally ``.cls`` (class index, or class name), ``.txt``
     (caption) and ``.json`` (its ``"label"`` and ``"caption"`` fill what the others did not). The
     shards' headers are scanned once at construction (captions and labels read then; images stay in
-    the shards, read by offset). Keys without an image are counted (``num_incomplete``) and left out;
+    the shards, read by offset). Keys without an image (``num_incomplete``) or with an unreadable label,
+    caption or json (``num_bad``) are counted and left out;
     every kept sample must carry the same optional fields. Samples as :class:`ManifestDataset`'s:
     ``{"image", "label"?, "caption"?}``, ``None`` for an unusable image or an empty caption."""
 
@@ -339,7 +356,7 @@ class WebDatasetShards(_ImageFileDataset):
         super().__init__()
         self.spec, self.shards = str(spec), shard_paths(spec)
         self.records: list[dict] = []
-        self.num_incomplete = 0
+        self.num_incomplete = self.num_bad = 0
         for i, shard in enumerate(self.shards):
             self._scan(i, shard)
         if not self.records:
@@ -350,8 +367,9 @@ class WebDatasetShards(_ImageFileDataset):
             raise ValueError(f"{self.spec}: sample {odd['line']} has fields {fields(odd)}, sample "
                              f"{self.records[0]['line']} {fields(self.records[0])}: every sample needs the same")
         self.classes, self.class_to_idx = index_labels(self.records, self.spec)
-        if self.num_incomplete:
-            log.warning("%s: %d keys without an image left out", self.spec, self.num_incomplete)
+        if self.num_incomplete or self.num_bad:
+            log.warning("%s: left out %d keys without an image and %d with an unreadable label / caption / json",
+                        self.spec, self.num_incomplete, self.num_bad)
         self._handles: dict[int, Any] = {}
         self._pid = os.getpid()
 
@@ -365,23 +383,17 @@ class WebDatasetShards(_ImageFileDataset):
                     folder, base = os.path.split(member.name)
                     stem, _, ext = base.partition(".")
                     rec = samples.setdefault(os.path.join(folder, stem), {"line": f"{shard.name}:{folder}/{stem}"})
-                    ext = ext.lower()
-                    if ext in SHARD_IMAGE_EXTS:
-                        rec["image"] = (index, member.offset_data, member.size, member.name)
-                    elif ext == "cls":
-                        rec["label"] = _parse_label(_member_text(tar, member), from_csv=True)
-                    elif ext == "txt":
-                        rec["caption"] = _member_text(tar, member)
-                    elif ext == "json":
-                        doc = json.loads(tar.extractfile(member).read())
-                        if isinstance(doc.get("caption"), str):
-                            rec.setdefault("caption", doc["caption"])
-                        if "label" in doc:
-                            rec.setdefault("label", _parse_label(doc["label"], from_csv=False))
-        except (tarfile.TarError, OSError, ValueError) as e:
+                    try:
+                        _read_member(tar, member, ext.lower(), rec, index)
+                    except (UnicodeDecodeError, ValueError, AttributeError, TypeError) as e:
+                        rec["bad"] = f"{member.name}: {type(e).__name__}: {e}"
+        except (tarfile.TarError, OSError) as e:
             raise ValueError(f"shard {shard}: {type(e).__name__}: {e}") from e
         for rec in samples.values():
-            if "image" in rec:
+            if "bad" in rec:
+                self.num_bad += 1
+                log.debug("leaving out %s", rec["bad"])
+            elif "image" in rec:
                 self.records.append(rec)
             else:
                 self.num_incomplete += 1

@@ -77,9 +77,10 @@ class CLIP(nn.Module):
         module.requires_grad_(False)
         if unlocked_layers:
             blocks[len(blocks) - unlocked_layers:].requires_grad_(True)
-            norm = getattr(module, "norm", None)  # the final norm of a ViT / CLIP text tower
-            if isinstance(norm, nn.Module):
-                norm.requires_grad_(True)
+            for name in ("norm", "attn_pool"):  # the final norm; SigLIP's pooling head (its projection)
+                part = getattr(module, name, None)
+                if isinstance(part, nn.Module):
+                    part.requires_grad_(True)
         self._locked[tower] = unlocked_layers
         self.train(self.training)
         return sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -104,7 +105,10 @@ class CLIP(nn.Module):
         return self.text_proj(self.text_features(input_ids, attention_mask))
 
     def scale(self) -> torch.Tensor:
-        """exp(logit_scale), the log clamped to [0, log(max_logit_scale)] (gradient passes inside)."""
+        """exp(logit_scale), the log clamped to [0, log(max_logit_scale)] (gradient passes inside);
+        not clamped at all without a maximum (SigLIP)."""
+        if math.isinf(self.max_log_scale):
+            return self.logit_scale.exp()
         return self.logit_scale.clamp(0, self.max_log_scale).exp()
 
     def forward(self, images: torch.Tensor, input_ids: Optional[torch.Tensor] = None,
@@ -176,7 +180,15 @@ def load_hf_clip(folder: str | Path) -> CLIP:
     return model.eval()
 
 
+# transformers' defaults: configs saved by older versions omit the values equal to them
+SIGLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              image_size=224, patch_size=16, layer_norm_eps=1e-6)
+SIGLIP_TEXT_DEFAULTS = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, max_position_embeddings=64, layer_norm_eps=1e-6)
+
+
 def siglip_vision_config(v: dict) -> ViTConfig:
+    v = {**SIGLIP_VISION_DEFAULTS, **v}
     return ViTConfig(image_size=v["image_size"], patch_size=v["patch_size"], num_classes=0,
                      embed_dim=v["hidden_size"], depth=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
                      mlp_ratio=v["intermediate_size"] / v["hidden_size"], act=_siglip_act(v.get("hidden_act")),
@@ -239,7 +251,7 @@ def load_hf_siglip(folder: str | Path) -> CLIP:
     ``encode_text`` give HF's image / text ``pooler_output``, ``forward`` the normalised embeddings with
     the learned scale (not clamped) and bias: logits = scale * image @ text.T + bias."""
     raw, state = _read_hf(folder)
-    vcfg, t = siglip_vision_config(raw["vision_config"]), raw["text_config"]
+    vcfg, t = siglip_vision_config(raw.get("vision_config", {})), {**SIGLIP_TEXT_DEFAULTS, **raw.get("text_config", {})}
     tcfg = CLIPTextConfig(vocab_size=t["vocab_size"], width=t["hidden_size"], depth=t["num_hidden_layers"],
                           num_heads=t["num_attention_heads"], mlp_ratio=t["intermediate_size"] / t["hidden_size"],
                           context_length=t["max_position_embeddings"], embed_dim=0,

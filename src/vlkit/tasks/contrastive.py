@@ -226,7 +226,7 @@ def build_data(cfg: ContrastiveConfig) -> tuple[Dataset, dict[str, Dataset], lis
         raise ConfigError("class_names", f"{len(names)} names for the {len(splits.classes)} classes "
                                          f"{splits.classes}")
     if cfg.data == "pairs":
-        if not captions_of(splits.train, 1):
+        if not captions_of(splits.train, len(splits.train)):
             raise ConfigError("pairs.train", f"{data.train}: the samples carry no captions")
         train = train_dataset(splits, data)
     else:

@@ -270,7 +270,11 @@ def build_text(cfg: VLMConfig, run_dir: Path, train_raw: Dataset) -> tuple[TextT
     folder = Path(cfg.decoder.path)
     if not (folder / "tokenizer.json").is_file():
         raise ConfigError("decoder.path", f"{folder} has no tokenizer.json (an HF language model folder needs one)")
-    return hf_lm_tokenizer(folder), ChatTemplate.from_hf(folder), None
+    try:
+        chat = ChatTemplate.from_hf(folder)
+    except ValueError as e:
+        raise ConfigError("decoder.path", str(e)) from None
+    return hf_lm_tokenizer(folder), chat, None
 
 
 def build_vision(cfg: VLMConfig):
