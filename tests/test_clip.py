@@ -90,8 +90,8 @@ def test_lit_locking_sends_gradients_exactly_to_the_trainable_parameters():
 def _tiny_siglip(**vision):
     text = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=12, projection_size=24)
-    vision = dict(image_size=32, patch_size=8, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
-                  num_attention_heads=4, **vision)
+    vision = dict(dict(image_size=32, patch_size=8, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                       num_attention_heads=4), **vision)
     return transformers.SiglipConfig(text_config=text, vision_config=vision)
 
 
@@ -122,12 +122,14 @@ def test_hf_siglip_folder_gives_transformers_features_and_logits(tmp_path):
 def test_hf_siglip_vision_folder_is_an_image_encoder(tmp_path, use_head):
     torch.manual_seed(0)
     hf = transformers.SiglipVisionModel(_tiny_siglip(vision_use_head=use_head).vision_config).eval()
+    if not use_head:  # also a size that is no multiple of the patch (as so400m's 384 px / patch 14): 35 -> 4 x 4
+        hf = transformers.SiglipVisionModel(_tiny_siglip(vision_use_head=False, image_size=35).vision_config).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     hf.save_pretrained(tmp_path, safe_serialization=True)
     ours = vlkit.load(tmp_path)
-    pixels = torch.randn(2, 3, 32, 32)
+    pixels = torch.randn(2, 3, hf.config.image_size, hf.config.image_size)
     with torch.no_grad():
         ref = hf(pixel_values=pixels)
         assert (ours.forward_features(pixels) - ref.last_hidden_state).abs().max() <= 1e-4  # 16 patch tokens, no CLS

@@ -57,6 +57,8 @@ class ViTConfig:
     pre_norm: bool = False  # LayerNorm on the embedded tokens before the blocks (CLIP's ln_pre)
     patch_bias: bool = True  # bias in the patch-embedding convolution (CLIP has none)
     pos_embed: Literal["learned", "sincos"] = "learned"  # learned absolute, or fixed 2D sin-cos (MAE)
+    drop_remainder: bool = False  # image sides not a multiple of patch_size: ignore the last pixels (as HF SigLIP's
+    # 384 px / patch 14 -> 27 x 27) instead of refusing them
     pos_resize: Literal["bicubic", "bucket"] = "bicubic"  # another grid: interpolate the learned grid, or
     # give each patch the row of the cell its fractional coordinates fall in (NaViT / Idefics2)
     class_token: bool = True  # prepend a learned class token
@@ -97,7 +99,7 @@ class ViTConfig:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.num_classes < 0:
             raise ConfigError("num_classes", f"must be >= 0, got {self.num_classes}")
-        if self.embed == "patch" and self.image_size % self.patch_size:
+        if self.embed == "patch" and self.image_size % self.patch_size and not self.drop_remainder:
             raise ConfigError("image_size", f"{self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads:
             raise ConfigError("num_heads", f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
@@ -243,7 +245,8 @@ class VisionTransformer(nn.Module):
             return HybridEmbed(backbone, None, cfg.embed_dim, cfg.in_chans, cfg.image_size)
         if backbone is not None:
             raise ValueError("a backbone was given but cfg.embed is 'patch'; set embed='hybrid'")
-        return PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, bias=cfg.patch_bias)
+        return PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, bias=cfg.patch_bias,
+                          drop_remainder=cfg.drop_remainder)
 
     @torch.no_grad()
     def init_weights(self) -> None:

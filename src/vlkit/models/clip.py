@@ -193,6 +193,7 @@ def siglip_vision_config(v: dict) -> ViTConfig:
                      embed_dim=v["hidden_size"], depth=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
                      mlp_ratio=v["intermediate_size"] / v["hidden_size"], act=_siglip_act(v.get("hidden_act")),
                      class_token=False, global_pool="map" if v.get("vision_use_head", True) else "avg",
+                     drop_remainder=True,
                      norm_eps=v.get("layer_norm_eps", 1e-6))
 
 

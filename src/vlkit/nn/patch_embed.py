@@ -44,12 +44,14 @@ class ConvStem(nn.Module):
 class PatchEmbed(nn.Module):
     """Non-overlapping patches, linearly projected: a conv with kernel = stride = ``patch_size``.
 
-    forward(images (B, C, H, W)) -> (B, H / p, W / p, D). H and W must be multiples of p.
+    forward(images (B, C, H, W)) -> (B, H / p, W / p, D). H and W must be multiples of p, unless
+    ``drop_remainder`` (the last H % p rows and W % p columns are then not read).
     """
 
-    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, bias: bool = True):
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, bias: bool = True,
+                 drop_remainder: bool = False):
         super().__init__()
-        self.patch_size = patch_size
+        self.patch_size, self.drop_remainder = patch_size, drop_remainder
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
         self.reset_parameters()
 
@@ -61,7 +63,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         H, W = images.shape[-2:]
-        if H % self.patch_size or W % self.patch_size:
+        if (H % self.patch_size or W % self.patch_size) and not self.drop_remainder:
             raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {self.patch_size}")
         return self.proj(images).permute(0, 2, 3, 1)  # (B, gh, gw, D)
 
