@@ -319,6 +319,14 @@ def test_an_hf_language_model_folder_is_a_vlm_decoder(tmp_path, capsys):
     assert main(["train", "vlm_world_vqa", *over, "--run-dir", str(run)]) == 0
     doc = json.loads((run / "eval.json").read_text())
     assert "<|im_start|>assistant" in doc["protocol"]["prompt_example"]
+    from vlkit.tasks.vlm import hf_eos_ids
+
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    assert hf_eos_ids(folder) == (2, 0)  # several end tokens: generation stops at any (Llama 3's <|eot_id|>)
+    from vlkit.tasks.vlm import resolve
+
+    cfg, _ = load_recipe("vlm_world_vqa", ["decoder.kind=hf", f"decoder.path={folder}"])
+    assert resolve(cfg, None).generation.eos_token_ids == (2, 0)
     image = tmp_path / "x.png"
     world[0]["image"].save(image)
     capsys.readouterr()

@@ -321,10 +321,26 @@ def build_vlm(cfg: VLMConfig) -> VLM:
     return model
 
 
+def hf_eos_ids(folder: Path) -> tuple[int, ...]:
+    """Every end token id an HF model folder names (config.json, generation_config.json; an int or a list)."""
+    ids: list[int] = []
+    for name in ("config.json", "generation_config.json"):
+        path = folder / name
+        value = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+        for i in value if isinstance(value, list) else [value] if value is not None else []:
+            if i not in ids:
+                ids.append(int(i))
+    return tuple(ids)
+
+
 def resolve(cfg: VLMConfig, tok: TextTokenizer) -> VLMConfig:
-    """Fill what the tokenizer decides for a scratch decoder: its vocabulary and end token."""
+    """Fill what the tokenizer decides for a scratch decoder: its vocabulary and end token; an HF language
+    model's end tokens when it has several (Llama 3's turns end with <|eot_id|>, not its first eos)."""
     from dataclasses import replace
 
+    if cfg.decoder.kind == "hf" and not cfg.generation.eos_token_ids:
+        ids = hf_eos_ids(Path(cfg.decoder.path))
+        return replace(cfg, generation=replace(cfg.generation, eos_token_ids=ids)) if len(ids) > 1 else cfg
     if cfg.decoder.kind != "scratch":
         return cfg
     dec = replace(cfg.decoder.config, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)
