@@ -166,6 +166,12 @@ def test_hf_siglip_folder_searches_with_its_own_tokenizer(tmp_path, capsys):
     with torch.no_grad():
         ref = torch.nn.functional.normalize(hf.get_text_features(input_ids=ids).pooler_output, dim=-1)
     assert (embedder.texts(["a photo of a red circle"]) - ref).abs().max() <= 1e-4
+    from PIL import Image
+
+    wide = Image.new("RGB", (64, 32), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 16, 32))  # a blue band that a centre crop would cut off
+    t = embedder.transform(wide, torch.Generator())  # SigLIP: squashed to 32 x 32, normalised with 0.5 / 0.5
+    assert t.shape == (3, 32, 32) and t[2, :, :6].mean() > 0.9 and t[0, :, :6].mean() < -0.9
     write_images(tmp_path / "imgs", 3)
     assert main(["search", "index", str(folder), str(tmp_path / "imgs")]) == 0
     assert main(["search", "query", str(tmp_path / "imgs" / ".vlkit_index"), "a red circle", "-k", "2"]) == 0

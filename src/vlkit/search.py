@@ -82,7 +82,8 @@ class Embedder:
             prep = json.loads(prep_file.read_text()) if prep_file.is_file() else {}
             mean, std = ((0.5,) * 3, (0.5,) * 3) if siglip else (OPENAI_MEAN, OPENAI_STD)
             tcfg = TransformConfig(image_size=model.visual.cfg.image_size, crop_pct=1.0, interpolation="bicubic",
-                                   mean=tuple(prep.get("image_mean", mean)), std=tuple(prep.get("image_std", std)))
+                                   mean=tuple(prep.get("image_mean", mean)), std=tuple(prep.get("image_std", std)),
+                                   eval_squash=siglip)  # SiglipImageProcessor resizes to a square, no crop
             if siglip and not (folder / "tokenizer.json").is_file():
                 raise FileNotFoundError(f"{folder}: a SigLIP folder needs a tokenizer.json (SigLIP 2 folders ship "
                                         "one; SigLIP 1's spiece.model is not read)")
