@@ -24,10 +24,9 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from vlkit.checkpoints.io import CheckpointError, load_state_dict_strict, read_safetensors
+from vlkit.checkpoints.io import CheckpointError, load_state_dict_strict
 from vlkit.connectors.idefics2 import Idefics2Connector, idefics2_state_from_hf
-from vlkit.decoders.causal_lm import CausalLM
-from vlkit.decoders.loading import convert_llama, llama_config
+from vlkit.decoders.loading import causal_lm_from_state, convert_llama, llama_config, read_folder_weights
 from vlkit.encoders.vit import VisionTransformer
 from vlkit.models.clip import siglip_vision_config, convert_hf_siglip_vision
 from vlkit.models.vlm import VLM, InjectionConfig
@@ -57,24 +56,19 @@ def load_hf_idefics2(folder: str | Path) -> VLM:
     """The VLM of an HF ``Idefics2ForConditionalGeneration`` folder (config.json + safetensors)."""
     folder = Path(folder)
     raw = json.loads((folder / "config.json").read_text())
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {folder} (pickled checkpoints are never read)")
-    state = {k: w for f in files for k, w in read_safetensors(f).items()}
+    state = read_folder_weights(folder)
     text, perceiver = raw["text_config"], raw.get("perceiver_config", {})
     if text.get("model_type", "mistral") not in ("mistral", "llama"):
         raise CheckpointError(f"{folder}: Idefics2 text model {text.get('model_type')!r} is not supported "
                               "(mistral, llama)")
-    vcfg = replace(siglip_vision_config({"patch_size": 32, **raw["vision_config"], "vision_use_head": False}), pos_resize="bucket")
+    vcfg = siglip_vision_config({"patch_size": 32, **raw["vision_config"], "vision_use_head": False})
+    vcfg = replace(vcfg, pos_resize="bucket")
     vision = VisionTransformer(vcfg)
     load_state_dict_strict(vision, convert_hf_siglip_vision(_split(state, "model.vision_model.", "vision_model."),
                                                             vcfg.depth), source=f"{folder} (vision)")
     dcfg = llama_config({**text, "tie_word_embeddings": raw.get("tie_word_embeddings", False)})
-    decoder = CausalLM(dcfg)
     lm_state = {**_split(state, "model.text_model.", "model."), **_split(state, "lm_head.", "lm_head.")}
-    load_state_dict_strict(decoder, {**convert_llama(lm_state, dcfg), **(
-        {"lm_head.weight": lm_state["model.embed_tokens.weight"]} if dcfg.tie_embeddings else {})},
-        source=f"{folder} (language model)")
+    decoder = causal_lm_from_state(dcfg, convert_llama(lm_state, dcfg), f"{folder} (language model)")
     connector = Idefics2Connector(vcfg.embed_dim, dcfg.hidden_size, dcfg.intermediate_size,
                                   num_tokens=perceiver.get("resampler_n_latents", 64),
                                   depth=perceiver.get("resampler_depth", 3),

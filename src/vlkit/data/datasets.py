@@ -19,7 +19,7 @@ import os
 import re
 import tarfile
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 from PIL import Image
@@ -118,12 +118,26 @@ class _ImageFileDataset(Dataset):
             self._reported.add(index)
             log.debug("skipping %s item %d: %s", type(self).__name__, index, reason)
 
-    def _load(self, index: int, path: Path) -> Optional[Image.Image]:
+    def _load(self, index: int, path: Path | str, read: Optional[Callable[[], bytes]] = None
+              ) -> Optional[Image.Image]:
+        """The image at ``path`` (or the bytes ``read()`` returns, ``path`` naming them), ``None`` if unusable."""
         try:
-            return load_image(path)
+            return load_image(path, data=None if read is None else read())
         except BadImageError as e:
             self._skip(index, str(e))
             return None
+
+    def _record_sample(self, index: int, record: dict, path: Path | str,
+                       read: Optional[Callable[[], bytes]] = None) -> Optional[dict]:
+        """A record with an optional ``label`` / ``caption`` as a sample: ``None`` for a blank caption
+        (the image not even read) or an unusable image."""
+        if "caption" in record and not record["caption"].strip():
+            self._skip(index, "empty caption")
+            return None
+        image = self._load(index, path, read)
+        if image is None:
+            return None
+        return {"image": image, **{k: record[k] for k in ("label", "caption") if k in record}}
 
 
 class ImageFolder(_ImageFileDataset):
@@ -281,13 +295,7 @@ class ManifestDataset(_ImageFileDataset):
 
     def __getitem__(self, index: int) -> Optional[dict]:
         record = self.records[index]
-        if "caption" in record and not record["caption"].strip():
-            self._skip(index, "empty caption")
-            return None
-        image = self._load(index, record["image"])
-        if image is None:
-            return None
-        return {"image": image, **{k: record[k] for k in ("label", "caption") if k in record}}
+        return self._record_sample(index, record, record["image"])
 
 
 # ----------------------------------------------------------------------------- webdataset shards
@@ -415,13 +423,6 @@ class WebDatasetShards(_ImageFileDataset):
 
     def __getitem__(self, index: int) -> Optional[dict]:
         record = self.records[index]
-        if "caption" in record and not (record["caption"] or "").strip():
-            self._skip(index, "empty caption")
-            return None
         shard, offset, size, name = record["image"]
-        try:
-            image = load_image(f"{self.shards[shard]}:{name}", data=self._read(shard, offset, size))
-        except BadImageError as e:
-            self._skip(index, str(e))
-            return None
-        return {"image": image, **{k: record[k] for k in ("label", "caption") if k in record}}
+        return self._record_sample(index, record, f"{self.shards[shard]}:{name}",
+                                   lambda: self._read(shard, offset, size))

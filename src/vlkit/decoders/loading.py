@@ -19,7 +19,8 @@ from vlkit.checkpoints.io import load_state_dict_strict, read_safetensors
 from vlkit.decoders.causal_lm import CausalLM, DecoderConfig
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
+def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every ``*.safetensors`` shard of an HF folder, merged."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {folder} (pickled checkpoints are never read)")
@@ -110,13 +111,13 @@ def convert_gpt2(state: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str
 def load_hf_llama(folder: str | Path) -> CausalLM:
     folder = Path(folder)
     cfg = llama_config(json.loads((folder / "config.json").read_text()))
-    return _build(cfg, convert_llama(_weights(folder), cfg), str(folder))
+    return causal_lm_from_state(cfg, convert_llama(read_folder_weights(folder), cfg), str(folder))
 
 
 def load_hf_gpt2(folder: str | Path) -> CausalLM:
     folder = Path(folder)
     cfg = gpt2_config(json.loads((folder / "config.json").read_text()))
-    return _build(cfg, convert_gpt2(_weights(folder), cfg), str(folder))
+    return causal_lm_from_state(cfg, convert_gpt2(read_folder_weights(folder), cfg), str(folder))
 
 
 def build_causal_lm(cfg: DecoderConfig) -> CausalLM:
@@ -124,7 +125,8 @@ def build_causal_lm(cfg: DecoderConfig) -> CausalLM:
     return CausalLM(cfg)
 
 
-def _build(cfg: DecoderConfig, state: dict[str, torch.Tensor], source: str) -> CausalLM:
+def causal_lm_from_state(cfg: DecoderConfig, state: dict[str, torch.Tensor], source: str) -> CausalLM:
+    """A :class:`CausalLM` of ``cfg`` holding ``state`` (vlkit names; a tied head taken from the embedding)."""
     model = CausalLM(cfg)
     if cfg.tie_embeddings:
         state = {**state, "lm_head.weight": state["embed_tokens.weight"]}
@@ -206,4 +208,4 @@ def load_gguf(path: str | Path) -> CausalLM:
         raise FileNotFoundError(f"{path} does not exist")
     reader, tensors = read_gguf(path)
     cfg = gguf_config(gguf_metadata(reader), tensors["token_embd.weight"].shape[0], "output.weight" not in tensors)
-    return _build(cfg, convert_gguf(tensors, cfg), str(path))
+    return causal_lm_from_state(cfg, convert_gguf(tensors, cfg), str(path))

@@ -159,15 +159,18 @@ def convert_hf_clip_vision(state: dict[str, torch.Tensor], depth: int) -> dict[s
     return out
 
 
-def load_hf_clip(folder: str | Path) -> CLIP:
-    """An HF-format ``CLIPModel`` folder as a :class:`CLIP` (weights from safetensors only)."""
+def _read_hf(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     folder = Path(folder)
-    raw = json.loads((folder / "config.json").read_text())
-    vcfg, tcfg = _vision_config(raw["vision_config"]), _text_config(raw["text_config"])
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing (only safetensors weights are read, never pickles)")
-    state = load_file(str(weights))
+    return json.loads((folder / "config.json").read_text()), load_file(str(weights))
+
+
+def load_hf_clip(folder: str | Path) -> CLIP:
+    """An HF-format ``CLIPModel`` folder as a :class:`CLIP` (weights from safetensors only)."""
+    raw, state = _read_hf(folder)
+    vcfg, tcfg = _vision_config(raw["vision_config"]), _text_config(raw["text_config"])
     model = CLIP(VisionTransformer(vcfg), CLIPTextTransformer(tcfg), raw.get("projection_dim", 512))
     ours = {f"visual.{k}": w for k, w in convert_hf_clip_vision(state, vcfg.depth).items()}
     text = convert_hf_clip_text(state, tcfg.depth)
@@ -227,14 +230,6 @@ def convert_hf_siglip_vision(state: dict[str, torch.Tensor], depth: int) -> dict
     return out
 
 
-def _read_hf(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    folder = Path(folder)
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} is missing (only safetensors weights are read, never pickles)")
-    return json.loads((folder / "config.json").read_text()), load_file(str(weights))
-
-
 def load_hf_siglip_vision(folder: str | Path) -> VisionTransformer:
     """An HF-format ``SiglipVisionModel`` folder as a :class:`VisionTransformer`: ``forward_features``
     gives HF's ``last_hidden_state``, ``forward`` its ``pooler_output``."""
@@ -252,7 +247,8 @@ def load_hf_siglip(folder: str | Path) -> CLIP:
     ``encode_text`` give HF's image / text ``pooler_output``, ``forward`` the normalised embeddings with
     the learned scale (not clamped) and bias: logits = scale * image @ text.T + bias."""
     raw, state = _read_hf(folder)
-    vcfg, t = siglip_vision_config(raw.get("vision_config", {})), {**SIGLIP_TEXT_DEFAULTS, **raw.get("text_config", {})}
+    vcfg = siglip_vision_config(raw.get("vision_config", {}))
+    t = {**SIGLIP_TEXT_DEFAULTS, **raw.get("text_config", {})}
     tcfg = CLIPTextConfig(vocab_size=t["vocab_size"], width=t["hidden_size"], depth=t["num_hidden_layers"],
                           num_heads=t["num_attention_heads"], mlp_ratio=t["intermediate_size"] / t["hidden_size"],
                           context_length=t["max_position_embeddings"], embed_dim=0,
