@@ -1,8 +1,8 @@
 """A tiny training run for the loop tests, run as a subprocess (SIGKILL, torchrun).
 
 usage: _train_worker.py RUN_DIR [--steps N] [--kill-at S] [--resume] [--dropout P] [--accum K] [--batch B]
-                        [--workers W] [--ckpt-every C] [--no-bad] [--no-noise]
-The main process writes RUN_DIR/final.safetensors, final_ema.safetensors and summary.json.
+                        [--workers W] [--ckpt-every C] [--no-bad] [--no-noise] [--blocks] [--fsdp]
+The main process writes RUN_DIR/final.safetensors, final_ema.safetensors (not with --fsdp) and summary.json.
 """
 import argparse
 import json
@@ -55,6 +55,24 @@ def make_model(dropout: float) -> nn.Module:
     return nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Dropout(dropout), nn.Linear(32, 4))
 
 
+class Blocks(nn.Module):
+    """Embedding, two residual MLP blocks in a ModuleList (FSDP's sharding units), a head tied to nothing."""
+
+    def __init__(self, dropout: float):
+        super().__init__()
+        torch.manual_seed(1)
+        self.embed = nn.Linear(8, 32)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 32), nn.GELU(), nn.Dropout(dropout))
+                                    for _ in range(2))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
 def objective(model, batch):
     logits = model(batch["image"])
     loss = F.cross_entropy(logits, batch["label"])
@@ -85,6 +103,8 @@ def parse():
     p.add_argument("--ckpt-every", type=int, default=3)
     p.add_argument("--no-bad", action="store_true", help="no unusable sample (equal per-rank batch sizes)")
     p.add_argument("--no-noise", action="store_true", help="no batch transform (it is seeded per rank)")
+    p.add_argument("--blocks", action="store_true", help="the Blocks model (a ModuleList)")
+    p.add_argument("--fsdp", action="store_true", help="train.parallel=fsdp (no EMA)")
     return p.parse_args()
 
 
@@ -95,16 +115,19 @@ def main():
     data = TransformedDataset(Points(with_bad=not a.no_bad), jitter, seed=3)
     cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch, grad_accum_steps=a.accum, lr=1e-2, warmup_steps=2,
                       checkpoint_every=a.ckpt_every, keep_checkpoints=2, progress=False, log_every=1,
-                      num_workers=a.workers, ema_decay=0.9, clip_grad_norm=1.0)
-    trainer = KillingTrainer(make_model(a.dropout), objective, data, cfg, a.run_dir,
+                      num_workers=a.workers, ema_decay=0.0 if a.fsdp else 0.9, clip_grad_norm=1.0,
+                      parallel="fsdp" if a.fsdp else "ddp")
+    model = Blocks(a.dropout) if a.blocks else make_model(a.dropout)
+    trainer = KillingTrainer(model, objective, data, cfg, a.run_dir,
                              batch_transform=None if a.no_noise else batch_noise)
     trainer.kill_at = a.kill_at
     summary = trainer.fit(resume=a.resume)
     if dist.is_main():
-        save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()},
+        save_file({k: v.contiguous() for k, v in (trainer.final_model() if a.fsdp else trainer.model).state_dict().items()},
                   os.path.join(a.run_dir, "final.safetensors"))
-        save_file({k: v.contiguous() for k, v in trainer.ema.state_dict().items()},
-                  os.path.join(a.run_dir, "final_ema.safetensors"))
+        if trainer.ema is not None:
+            save_file({k: v.contiguous() for k, v in trainer.ema.state_dict().items()},
+                      os.path.join(a.run_dir, "final_ema.safetensors"))
         with open(os.path.join(a.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f)
     dist.cleanup()

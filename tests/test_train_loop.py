@@ -3,6 +3,7 @@ SIGKILL, torchrun/DDP == one process, non-finite losses, atomic checkpoints, EMA
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,16 @@ def cfg(**kw) -> TrainConfig:
 def run_worker(run_dir, *args, check=True, env=None):
     done = subprocess.run([sys.executable, WORKER, str(run_dir), *args], env={**ENV, **(env or {})},
                           capture_output=True, text=True, timeout=120)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def run_torchrun(run_dir, *args, check=True):
+    """The worker in 2 processes (gloo on CPU, even on a machine with a GPU)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", WORKER,
+           str(run_dir), *args]
+    done = subprocess.run(cmd, env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=180)
     if check:
         assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -287,16 +298,61 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     """Global batch 8: 1 process x 2 micro-batches of 4 == 2 processes x 4 (same micro-batches)."""
     args = ["--steps", "6", "--dropout", "0", "--no-bad", "--no-noise", "--batch", "8"]
     run_worker(tmp_path / "one", *args, "--accum", "2", env={"CUDA_VISIBLE_DEVICES": ""})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", WORKER,
-           str(tmp_path / "two"), *args]
-    env = {**ENV, "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU, even on a machine with one GPU
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_torchrun(tmp_path / "two", *args)
     a, b = load_file(tmp_path / "one" / "final.safetensors"), load_file(tmp_path / "two" / "final.safetensors")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
     one, two = train_lines(tmp_path / "one"), train_lines(tmp_path / "two")
     assert [x["loss"] for x in one] == pytest.approx([x["loss"] for x in two], abs=1e-5)  # averaged over ranks
+
+
+# ---------------------------------------------------------------------------- 6b: FSDP2
+def test_fsdp_two_processes_equal_one_and_resume_on_any_world_size(tmp_path):
+    """parallel=fsdp in 2 processes (each holding half of every weight, gradient and AdamW state) == 1
+    unsharded process with 2 micro-batches: weights, losses and the checkpoint's optimizer state. A sharded run
+    killed at step 4 resumes from its step-3 checkpoint exactly, sharded in 2 processes or unsharded in 1."""
+    args = ["--steps", "6", "--dropout", "0", "--no-bad", "--no-noise", "--batch", "8", "--blocks"]
+    run_worker(tmp_path / "one", *args, "--accum", "2", env={"CUDA_VISIBLE_DEVICES": ""})
+    run_torchrun(tmp_path / "fsdp", *args, "--fsdp")
+    a, b = load_file(tmp_path / "one" / "final.safetensors"), load_file(tmp_path / "fsdp" / "final.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    one, two = train_lines(tmp_path / "one"), train_lines(tmp_path / "fsdp")
+    assert [x["loss"] for x in one] == pytest.approx([x["loss"] for x in two], abs=1e-6)
+    opt_one, opt_two = (load_checkpoint(tmp_path / d / "checkpoints" / "step-00000006")["optimizer"] for d in ("one", "fsdp"))
+    assert opt_one["param_groups"] == opt_two["param_groups"] and opt_one["state"].keys() == opt_two["state"].keys()
+    for i, entry in opt_one["state"].items():  # full (gathered) AdamW moments, as an unsharded run saves them
+        for name, value in entry.items():
+            torch.testing.assert_close(value, opt_two["state"][i][name], atol=1e-7, rtol=1e-5)
+    killed = run_torchrun(tmp_path / "cut", *args, "--fsdp", "--kill-at", "4", check=False)
+    assert killed.returncode != 0 and find_latest(tmp_path / "cut").name == "step-00000003"
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut_one")
+    run_torchrun(tmp_path / "cut", *args, "--fsdp", "--resume")
+    assert tensors_equal(tmp_path / "fsdp" / "final.safetensors", tmp_path / "cut" / "final.safetensors") == []
+    run_worker(tmp_path / "cut_one", *args, "--accum", "2", "--resume", env={"CUDA_VISIBLE_DEVICES": ""})
+    c = load_file(tmp_path / "cut_one" / "final.safetensors")
+    for k in b:
+        torch.testing.assert_close(b[k], c[k], atol=1e-6, rtol=1e-5)
+
+
+def test_fsdp_sharding_units_and_config_checks(tmp_path):
+    from _train_worker import Blocks
+
+    from vlkit.train.fsdp import sharding_units
+
+    model = Blocks(0.0)
+    assert sharding_units(model) == [model.blocks[1], model.blocks[0]]  # deepest / last first
+    model.head.weight = model.blocks[1][1].weight  # tied across units: that block is sharded with the root
+    assert sharding_units(model) == [model.blocks[0]]
+    with pytest.raises(ConfigError, match="ema_decay"):
+        TrainConfig(parallel="fsdp", ema_decay=0.99)
+    with pytest.raises(ConfigError, match="amp"):
+        TrainConfig(parallel="fsdp", amp="fp16")
+    with pytest.raises(ConfigError, match="parallel"):
+        TrainConfig(parallel="zero3")
+    t = Trainer(make_model(0.0), objective, TransformedDataset(Points(), jitter), cfg(parallel="fsdp"), tmp_path)
+    assert not t.sharded and t.full_copy is None  # one process: nothing to shard
 
 
 # ---------------------------------------------------------------------------- 7: non-finite losses

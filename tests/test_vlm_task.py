@@ -289,21 +289,18 @@ def test_an_hf_siglip_vision_folder_is_a_vlm_vision_tower(tmp_path):
     assert model.features(torch.zeros(1, 3, 32, 32)).shape == (1, 16, 24)  # 4 x 4 patches, no class token
 
 
-def test_an_hf_language_model_folder_is_a_vlm_decoder(tmp_path, capsys):
-    """decoder.kind=hf: an HF Llama folder with its tokenizer.json and chat template (tokenizer_config.json)."""
+def hf_llama_folder(folder: Path, world) -> Path:
+    """A tiny random HF Llama folder with a BPE tokenizer.json trained on ``world``'s questions and a
+    ChatML template in tokenizer_config.json."""
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from vlkit.data.world import WorldConfig, WorldDataset
-
-    world = WorldDataset(WorldConfig(image_size=32), "train", length=64, task="vqa")
     texts = [f"{q} {a}" for i in range(64) for q, a in zip(world[i]["questions"], world[i]["answers"])]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok.train_from_iterator(texts * 4, trainers.BpeTrainer(vocab_size=400, special_tokens=special,
                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    folder = tmp_path / "lm"
     cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                    bos_token_id=0, eos_token_id=2, tie_word_embeddings=True)
@@ -314,6 +311,15 @@ def test_an_hf_language_model_folder_is_a_vlm_decoder(tmp_path, capsys):
               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": chatml, "eos_token": "<|im_end|>", "bos_token": {"content": "<|endoftext|>"}}))
+    return folder
+
+
+def test_an_hf_language_model_folder_is_a_vlm_decoder(tmp_path, capsys):
+    """decoder.kind=hf: an HF Llama folder with its tokenizer.json and chat template (tokenizer_config.json)."""
+    from vlkit.data.world import WorldConfig, WorldDataset
+
+    world = WorldDataset(WorldConfig(image_size=32), "train", length=64, task="vqa")
+    folder = hf_llama_folder(tmp_path / "lm", world)
     run = tmp_path / "run"
     over = [*TINY, *WORLD, "decoder.kind=hf", f"decoder.path={folder}", "tuning.decoder=lora", "train.max_steps=2"]
     assert main(["train", "vlm_world_vqa", *over, "--run-dir", str(run)]) == 0
@@ -335,3 +341,39 @@ def test_an_hf_language_model_folder_is_a_vlm_decoder(tmp_path, capsys):
     (folder / "tokenizer_config.json").write_text("{}")
     assert main(["train", "vlm_world_vqa", *over, "--run-dir", str(tmp_path / "run2")]) == 2
     assert "chat template" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fsdp_vlm_with_a_lora_language_model_equals_one_process(tmp_path):
+    """train.parallel=fsdp under torchrun (2 gloo processes): a frozen ViT, an MLP connector and an HF Llama
+    with LoRA (frozen and trainable weights in the same sharded blocks, tied embeddings) train to the same
+    losses and saved weights as one unsharded process with 2 micro-batches; the evaluation runs on the main
+    process's gathered copy."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from vlkit.data.world import WorldConfig, WorldDataset
+
+    folder = hf_llama_folder(tmp_path / "lm", WorldDataset(WorldConfig(image_size=32), "train", length=64, task="vqa"))
+    over = [*TINY, *WORLD, "decoder.kind=hf", f"decoder.path={folder}", "tuning.decoder=lora", "train.log_every=1",
+            "train.eval_every=2", "connector.kind=mlp"]
+    assert main(["train", "vlm_world_vqa", *over, "train.grad_accum_steps=2", "--run-dir", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "vlkit.cli",
+           "train", "vlm_world_vqa", *over, "train.parallel=fsdp", "--run-dir", str(tmp_path / "fsdp")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fsdp: 3 units + the root sharded over 2 ranks" in done.stderr  # 1 ViT block, 2 Llama layers
+    lines = {d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "fsdp")}
+    assert [x["loss"] for x in lines["one"] if x["split"] == "train"] == pytest.approx(
+        [x["loss"] for x in lines["fsdp"] if x["split"] == "train"], abs=1e-5)
+    assert [x for x in lines["one"] if x["split"] == "val"][0]["vqa_accuracy"] == [x for x in lines["fsdp"] if x["split"] == "val"][0]["vqa_accuracy"]
+    a, b = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("one", "fsdp"))
+    assert a.keys() == b.keys() and any("lora" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    assert vlkit.load(tmp_path / "fsdp").decoder is not None

@@ -33,6 +33,13 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     The error names the first mismatch (and how many there are), e.g.
     ``missing key 'blocks.0.attn.qkv.weight'``. Buffers that are not persistent are ignored.
     """
+    check_state_dict(model, state_dict, source)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "") -> None:
+    """Raise :class:`CheckpointError` naming the first key or shape of ``state_dict`` that ``model`` lacks
+    or does not match (the check of :func:`load_state_dict_strict`, without loading)."""
     expected = model.state_dict()
     where = f" in {source}" if source else ""
     missing = [k for k in expected if k not in state_dict]
@@ -46,7 +53,6 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         k = shapes[0]
         raise CheckpointError(f"shape mismatch for '{k}'{where}: checkpoint {tuple(state_dict[k].shape)}, "
                               f"model {tuple(expected[k].shape)} ({len(shapes)} mismatches in all)")
-    model.load_state_dict(state_dict, strict=True)
 
 
 def dedup_shared(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -118,10 +118,11 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
-def _write_contents(tmp: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+def _write_contents(tmp: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | dict,
                     ema: Optional[nn.Module], extra_state: dict) -> None:
     _save_tensors(model.state_dict(), tmp / "model.safetensors")
-    opt_tensors, opt_doc = optimizer_to_flat(optimizer.state_dict())
+    opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+    opt_tensors, opt_doc = optimizer_to_flat(opt_state)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(opt_doc, indent=1))
     if ema is not None:
@@ -132,12 +133,13 @@ def _write_contents(tmp: Path, step: int, model: nn.Module, optimizer: torch.opt
     _fsync_tree(tmp)
 
 
-def save_checkpoint(folder: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(folder: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | dict,
                     ema: Optional[nn.Module] = None, extra_state: Optional[dict] = None, keep: int = 0) -> Path:
     """Write checkpoint ``folder/step-{step:08d}`` atomically, point ``folder/latest`` at it (last),
     then keep only the ``keep`` newest checkpoints (0 = keep all). Returns the checkpoint folder.
 
-    ``model`` is the unwrapped module (not DDP / compiled); ``extra_state`` must be JSON-able.
+    ``model`` is the unwrapped module (not DDP / compiled); ``optimizer`` an optimizer or its (unsharded)
+    state dict; ``extra_state`` must be JSON-able.
     """
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)

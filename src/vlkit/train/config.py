@@ -15,6 +15,7 @@ from vlkit.config import ConfigError
 
 SCHEDULES = ("cosine", "linear", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
+PARALLEL_MODES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -61,7 +62,8 @@ class TrainConfig:
     clip_grad_norm: float = 0.0  # max global L2 gradient norm; 0 = no clipping
     ema_decay: float = 0.0  # exponential moving average of the weights; 0 = off (evaluated and exported if on)
     amp: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype on CUDA (fp16 with a GradScaler); CPU: fp32
-    compile: bool = False  # torch.compile the (DDP-wrapped) model
+    compile: bool = False  # torch.compile the (DDP-wrapped or sharded) model
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicas (DDP) or sharded weights/grads/states (FSDP2)
     param_groups: list[ParamGroupConfig] = field(default_factory=list)  # first match wins; lr_scale 0 freezes
     repeated_aug: int = 1  # DeiT repeated augmentation: each image k times per epoch (epoch length unchanged)
     group_by_length: int = 0  # > 0: batches of similar-length samples, sorted within groups of this many batches
@@ -117,6 +119,12 @@ class TrainConfig:
             raise ConfigError("schedule", f"must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         if self.amp not in AMP_MODES:
             raise ConfigError("amp", f"must be one of {list(AMP_MODES)}, got {self.amp!r}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ConfigError("parallel", f"must be one of {list(PARALLEL_MODES)}, got {self.parallel!r}")
+        if self.parallel == "fsdp" and self.ema_decay:
+            raise ConfigError("ema_decay", "an EMA of sharded weights is not offered: use parallel=ddp or ema_decay=0")
+        if self.parallel == "fsdp" and self.amp == "fp16":
+            raise ConfigError("amp", "parallel=fsdp trains in bf16 or float32 (fp16's loss scaling is not sharded)")
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of the run: ``max_steps`` if set, else ``ceil(epochs * steps_per_epoch)``."""

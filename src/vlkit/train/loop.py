@@ -1,8 +1,8 @@
 """The training loop every vlkit task uses.
 
 ``Trainer(model, objective, train_data, cfg, run_dir).fit()``: AdamW + warmup/cosine, per-group
-learning rates (0 freezes), gradient accumulation and clipping, autocast on CUDA, optional EMA, DDP
-under torchrun, metrics in ``run_dir/metrics.jsonl`` plotted to ``run_dir/curves.png``, atomic
+learning rates (0 freezes), gradient accumulation and clipping, autocast on CUDA, optional EMA, DDP or
+FSDP2 (``parallel=fsdp``, :mod:`vlkit.train.fsdp`) under torchrun, metrics in ``run_dir/metrics.jsonl`` plotted to ``run_dir/curves.png``, atomic
 safetensors checkpoints in ``run_dir/checkpoints``.
 
 Exact resume: everything random in step s is a function of (seed, s, rank): the data order
@@ -15,6 +15,7 @@ never interrupted.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -30,10 +31,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from vlkit.checkpoints.io import load_state_dict_strict
+from vlkit.checkpoints.io import check_state_dict, load_state_dict_strict
 from vlkit.config import ConfigError, to_dict
 from vlkit.data.base import collate, sample_seed
 from vlkit.train import distributed as dist
+from vlkit.train import fsdp
 from vlkit.train.checkpoint import find_latest, load_checkpoint, remove_partial, restore_rng, save_checkpoint
 from vlkit.train.config import TrainConfig
 from vlkit.train.ema import ModelEMA
@@ -86,6 +88,11 @@ class Trainer:
     {name: float}`` runs on the main process (on every process if ``eval_fn.all_ranks`` is True) every
     ``cfg.eval_every`` steps and at the end, on the EMA weights when EMA is on. ``lengths``: each
     sample's length (e.g. its tokens), for ``cfg.group_by_length``.
+
+    ``cfg.parallel == "fsdp"`` with several processes: ``model`` is sharded in place (FSDP2); the main
+    process keeps an unsharded copy on the CPU, refreshed (all ranks gathering) before each evaluation and
+    checkpoint and at the end: :meth:`eval_model` / :meth:`final_model` return it there (on the training
+    device after ``fit``), and the sharded module on the other ranks.
     """
 
     def __init__(self, model: nn.Module, objective: Objective, train_data, cfg: TrainConfig, run_dir: str | Path,
@@ -102,8 +109,17 @@ class Trainer:
         self.total_steps = cfg.total_steps(self.steps_per_epoch)
         self.device = dist.device()
         self.amp_dtype = self._amp_dtype()
+        self.sharded = cfg.parallel == "fsdp" and self.world > 1
+        self.full_copy = copy.deepcopy(model).cpu() if self.sharded and dist.is_main() else None
+        self._gathered_at = -1  # the step whose weights full_copy holds
         self.model = model.to(self.device)  # the unwrapped module: saved, evaluated, returned
+        if self.sharded:
+            fsdp.shard(self.model, self.device, self.world, self.amp_dtype)
         self.optimizer = build_optimizer(self.model, cfg)
+        if self.full_copy is not None:  # the same frozen parameters (lr_scale 0 groups)
+            flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
+            for n, p in self.full_copy.named_parameters():
+                p.requires_grad_(flags[n])
         self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.wrapped = self._wrap(self.model)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -147,7 +163,7 @@ class Trainer:
         return torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
 
     def _wrap(self, model: nn.Module) -> nn.Module:
-        if self.world > 1:
+        if self.world > 1 and not self.sharded:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=ids)
         return torch.compile(model) if self.cfg.compile else model
@@ -180,7 +196,11 @@ class Trainer:
 
     def _micro_step(self, micro: dict, last: bool, n: int) -> dict[str, torch.Tensor]:
         """Forward + backward of one micro-batch (loss scaled by 1/n); returns its detached scalars."""
-        sync = self.wrapped.no_sync() if (self.world > 1 and not last) else contextlib.nullcontext()
+        sync = contextlib.nullcontext()
+        if self.sharded:  # reduce-scatter the gradients on the last micro-batch only
+            self.model.set_requires_gradient_sync(last)
+        elif self.world > 1 and not last:
+            sync = self.wrapped.no_sync()
         with sync:
             with self._autocast():
                 out = self.objective(self.wrapped, micro)
@@ -234,7 +254,8 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         if self.cfg.clip_grad_norm > 0:
             norm = nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                            self.cfg.clip_grad_norm).item()
+                                            self.cfg.clip_grad_norm)
+            norm = fsdp.full(norm).item()
             if not math.isfinite(norm) and not self.scaler.is_enabled():  # fp16: the scaler skips the step
                 return False
             scalars["grad_norm"] = norm
@@ -282,10 +303,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ bookkeeping
     def eval_model(self) -> nn.Module:
-        """What is evaluated and exported: the EMA weights when EMA is on, else the model."""
+        """What is evaluated and exported: the EMA weights when EMA is on, else the model (sharded:
+        the main process's unsharded copy)."""
+        if self.full_copy is not None:
+            return self.full_copy
         return self.ema.module if self.ema is not None else self.model
 
-    final_model = eval_model
+    def final_model(self) -> nn.Module:
+        """The trained model after :meth:`fit` (sharded: the unsharded copy on the main process's device)."""
+        if self.full_copy is not None:
+            return self.full_copy.to(self.device)
+        return self.eval_model()
+
+    def _gather(self) -> None:
+        """Sharded: refresh the main process's unsharded copy (a collective: every rank calls it)."""
+        if self.sharded and self._gathered_at != self.step:
+            full = fsdp.full_model_state(self.model)
+            if self.full_copy is not None:
+                self.full_copy.load_state_dict(full)
+            self._gathered_at = self.step
 
     def _log(self, record: dict) -> None:
         """Append one line to ``run_dir/metrics.jsonl`` (main process)."""
@@ -314,12 +350,17 @@ class Trainer:
         """Run ``eval_fn`` (main process, or all if ``eval_fn.all_ranks``), log a "val" line, track the best."""
         if self.eval_fn is None:
             return
-        if dist.is_main() or getattr(self.eval_fn, "all_ranks", False):
-            model = self.eval_model()
+        all_ranks = getattr(self.eval_fn, "all_ranks", False)
+        if self.sharded and not all_ranks:
+            self._gather()
+        if dist.is_main() or all_ranks:
+            model = self.model if self.sharded and all_ranks else self.eval_model().to(self.device)
             was_training = model.training
             model.eval()
             metrics = {k: float(v) for k, v in self.eval_fn(model).items()}
             model.train(was_training)
+            if model is self.full_copy:
+                model.cpu()
             self.last_eval = metrics
             for k, v in metrics.items():
                 if k not in self.best or (v < self.best[k] if _minimised(k) else v > self.best[k]):
@@ -343,9 +384,13 @@ class Trainer:
     def _checkpoint(self) -> None:
         """Save a checkpoint (main process) unless a weight is not finite; every rank waits."""
         self._ckpt_pending = False
+        model, optimizer = self.model, self.optimizer
+        if self.sharded:  # gathered on every rank, written by the main one
+            self._gather()
+            model, optimizer = self.full_copy, fsdp.full_optimizer_state(self.optimizer)
         if dist.is_main():
-            if all(torch.isfinite(p).all() for p in self.model.parameters()):
-                save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.ema, self._state(),
+            if all(torch.isfinite(p).all() for p in model.parameters()):
+                save_checkpoint(self.ckpt_dir, self.step, model, optimizer, self.ema, self._state(),
                                 keep=self.cfg.keep_checkpoints)
             else:
                 log.error("step %d: the weights are not finite: no checkpoint written", self.step)
@@ -369,8 +414,13 @@ class Trainer:
             log.info("no checkpoint in %s: starting from scratch", self.ckpt_dir)
             return False
         ckpt = load_checkpoint(latest)
-        load_state_dict_strict(self.model, ckpt["model"], source=str(latest / "model.safetensors"))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.sharded:  # full tensors on disk: each rank keeps its shard
+            check_state_dict(self.model, ckpt["model"], source=str(latest / "model.safetensors"))
+            fsdp.load_full_model_state(self.model, ckpt["model"])
+            fsdp.load_full_optimizer_state(self.optimizer, ckpt["optimizer"])
+        else:
+            load_state_dict_strict(self.model, ckpt["model"], source=str(latest / "model.safetensors"))
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.ema is not None and ckpt["ema"] is not None:
             load_state_dict_strict(self.ema, ckpt["ema"], source=str(latest / "ema.safetensors"))
         elif self.ema is not None:
@@ -441,6 +491,7 @@ class Trainer:
 
     def _finish(self, start_step: int) -> None:
         """Final evaluation, checkpoint and curves (once: a finished run resumed again redoes nothing)."""
+        self._gather()
         if self.step > start_step or (self.eval_fn is not None and not self.last_eval):
             self._evaluate()
             if self.nonfinite_run == 0:
