@@ -349,3 +349,84 @@ def test_idefics2_prompt_frames_images_as_the_processor_does():
     assert idefics2_prompt(f"A {i}", 1, crops=5) == "A " + f + f"{i}{f}" * 5
     with pytest.raises(ValueError):
         idefics2_prompt(i, 0)
+
+
+# ---------------------------------------------------------------------------- where an answer comes from
+def one_prompt(model: VLM):
+    return torch.tensor([[5, 6, *[IMG] * model.placeholders_per_image(), 7, 8]])
+
+
+def test_answer_logprobs_score_the_answer_as_the_training_loss_does():
+    from vlkit.models.relevance import answer_logprobs
+
+    model = make_vlm()
+    ids, images, answer = one_prompt(model), torch.rand(3, 3, 16, 16), [9, 10, 11]
+    logp = answer_logprobs(model, ids, images, answer, batch_size=2)  # 2 chunks
+    full = torch.cat([ids, torch.tensor([answer])], 1)
+    for i in range(3):
+        labels = torch.full_like(full, -100)
+        labels[:, ids.shape[1]:] = torch.tensor(answer)
+        loss = model(full, None, images[i:i + 1], labels)["loss"]
+        assert logp[i].item() == pytest.approx(-3 * loss.item(), rel=1e-5)
+
+
+def test_occlusion_flags_exactly_the_cell_that_changes_the_image():
+    """A flat image painted the fill colour except in cell (row 1, column 3) of a 4 x 4 grid: occluding any
+    other cell leaves the image unchanged, so only that cell's log-likelihood drop is non-zero."""
+    from vlkit.models.relevance import occlusion_relevance
+
+    model = make_vlm()
+    fill = torch.tensor([0.2, -0.1, 0.4])
+    image = fill.view(3, 1, 1).expand(3, 16, 16).clone()
+    image[:, 4:8, 12:16] = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(1)) * 3
+    drop, logp = occlusion_relevance(model, one_prompt(model), image[None], [9, 10], grid=4, fill=fill, signed=True)
+    assert drop.shape == (4, 4) and logp < 0
+    others = torch.ones(4, 4, dtype=torch.bool)
+    others[1, 3] = False
+    assert drop[others].abs().max() < 1e-5 and drop[1, 3].abs() > 1e-3, drop
+    cam, _ = occlusion_relevance(model, one_prompt(model), image[None], [9, 10], grid=4, fill=fill)
+    assert cam.min() >= 0 and cam.max() <= 1
+    with pytest.raises(ValueError, match="empty"):
+        occlusion_relevance(model, one_prompt(model), image[None], [], grid=4)
+    with pytest.raises(ValueError, match="one prompt with one image"):
+        occlusion_relevance(model, one_prompt(model), torch.rand(2, 3, 16, 16), [9], grid=4)
+
+
+@pytest.mark.parametrize("style, features, layer", [("tokens", "last", "features"), ("tokens", "last", "block"),
+                                                    ("cross_attention", "last", "auto"),
+                                                    ("inject", "cls_last_n", "auto")])
+def test_grad_cam_gradient_equals_finite_differences(style, features, layer):
+    """d logp / dA from the captured activation equals the central difference of the answer's log-likelihood
+    along a random direction added to that activation (float64), through each injection style."""
+    from vlkit.models.relevance import _target_module, answer_gradient, answer_logprobs, answer_relevance
+
+    model = make_vlm(style, features, connector="mlp", num_layers=2 if features == "cls_last_n" else 1).double()
+    ids, image, answer = one_prompt(model), torch.rand(1, 3, 16, 16, dtype=torch.float64), [9, 10, 3]
+    acts, grad, logp = answer_gradient(model, ids, image, answer, layer)
+    direction = torch.randn(acts.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    module, where = _target_module(model, layer)
+    scores = []
+    for eps in (1e-5, -1e-5):
+        if where == "pre":
+            handle = module.register_forward_pre_hook(lambda m, args, e=eps: (args[0] + e * direction, *args[1:]))
+        else:
+            handle = module.register_forward_hook(lambda m, args, out, e=eps: out + e * direction)
+        scores.append(answer_logprobs(model, ids, image, answer)[0])
+        handle.remove()
+    numeric = (scores[0] - scores[1]) / 2e-5
+    assert numeric.item() == pytest.approx((grad * direction).sum().item(), rel=1e-6, abs=1e-9)
+    assert logp == pytest.approx(answer_logprobs(model, ids, image, answer)[0].item(), rel=1e-9)
+    cam, _ = answer_relevance(model, ids, image, answer, "grad_cam", layer)
+    assert cam.shape == (4, 4) and 0 <= cam.min() and cam.max() <= 1
+
+
+def test_grad_cam_formula():
+    """alpha_c = mean_n dA; map = ReLU(sum_c alpha_c A_n), prefix tokens dropped, / max."""
+    from vlkit.models.relevance import grad_cam
+
+    acts = torch.tensor([[[9.0, 9.0], [1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [-1.0, 0.0]]])  # class token + 2x2
+    grad = torch.tensor([[[5.0, 5.0], [1.0, 0.0], [1.0, 0.0], [1.0, 2.0], [1.0, 2.0]]])  # alpha = (1, 1)
+    cam = grad_cam(acts, grad, (2, 2))
+    torch.testing.assert_close(cam, torch.tensor([[1.0, 1.0], [4.0, 0.0]]) / 4)
+    fmap = acts[0, 1:].T.reshape(1, 2, 2, 2)  # the same as a (1, C, h, w) map
+    torch.testing.assert_close(grad_cam(fmap, grad[0, 1:].T.reshape(1, 2, 2, 2), (2, 2)), cam)

@@ -51,6 +51,12 @@ def test_world_caption_trains_reports_and_reloads(tmp_path, capsys, monkeypatch)
     assert main(["predict", str(run), str(image), str(bad), "--prompt", "what colour is it?"]) == 0
     out = capsys.readouterr().out
     assert f"{image}: " in out and f"{bad}: skipped" in out
+    for method in ("occlusion", "grad_cam"):  # where the answer comes from, drawn next to it
+        assert main(["predict", str(run), str(image), "--prompt", "what colour is it?", "--attention", "--relevance",
+                     method, "--out", str(tmp_path / method), "--json", str(tmp_path / f"{method}.json")]) == 0
+        record = json.loads((tmp_path / f"{method}.json").read_text())[0]
+        assert Path(record["picture"]).is_file() and record["answer_logprob"] < 0, record
+    capsys.readouterr()
     import io
 
     monkeypatch.setattr("sys.stdin", io.StringIO("what colour is it?\nand its shape?\n\n"))

@@ -160,8 +160,13 @@ def cmd_predict(args) -> int:
     if arch == "vlm":
         from vlkit.tasks.vlm import answer_files
 
-        for r in answer_files(args.run, args.images, args.prompt, int8=args.int8, speculative=args.speculative):
-            print(f"{r['path']}: " + (f"skipped ({r['error']})" if "error" in r else r["answer"]))
+        results = answer_files(args.run, args.images, args.prompt, int8=args.int8, speculative=args.speculative,
+                               relevance_dir=args.out if args.attention else None, relevance=args.relevance)
+        for r in results:
+            print(f"{r['path']}: " + (f"skipped ({r['error']})" if "error" in r else r["answer"])
+                  + (f" -> {r['picture']}" if "picture" in r else ""))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
         return 0
 
     results = predict_files(args.run, args.images, top_k=args.top_k)
@@ -260,13 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=int, default=3)
     r.add_argument("--json", default="", help="also write the predictions to this JSON file")
     r.add_argument("--prompt", default="Describe the image.", help="VLM runs: the question (default: caption)")
-    r.add_argument("--out", default="predictions", help="DETR / Segmenter runs: folder of the drawn pictures")
+    r.add_argument("--out", default="predictions", help="DETR / Segmenter runs, VLM runs with --attention: "
+                                                         "folder of the drawn pictures")
     r.add_argument("--threshold", type=float, default=0.5, help="DETR runs: minimum score of a drawn box")
     r.add_argument("--min-boxes", type=int, default=0, metavar="N",
                    help="DETR runs: also draw the N best-scored boxes of each image, even below the threshold")
     r.add_argument("--int8", action="store_true", help="VLM runs: the language model with int8 weights (CPU)")
     r.add_argument("--attention", action="store_true",
-                   help="DETR runs: also draw where each detection's object query looks (decoder cross-attention)")
+                   help="DETR runs: also draw where each detection's object query looks (decoder cross-attention); "
+                        "VLM runs: where in the image the answer comes from (see --relevance)")
+    r.add_argument("--relevance", choices=["occlusion", "grad_cam"], default="occlusion",
+                   help="VLM runs with --attention: occlusion (the answer's likelihood drop per masked cell, "
+                        "65 forwards) or grad_cam (one backward)")
     r.set_defaults(fn=cmd_predict)
     c = sub.add_parser("chat", help="talk about an image with a VLM run: vlkit chat RUN IMAGE (questions on stdin)")
     c.add_argument("run")

@@ -53,6 +53,11 @@ class InjectionConfig:
     inject_layers: tuple[int, ...] = ()  # inject: decoder layers receiving the n tokens (default: the last n)
 
 
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in float32, or float64 for a float64 model (gradient checks)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 class VisualFeatures(nn.Module):
     """images (B, C, H, W) -> visual features (B, N, C_v) from a vlkit ViT or a convnet feature map."""
 
@@ -279,7 +284,8 @@ class VLM(nn.Module):
         return embeds, is_img, attention_mask
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                images: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> dict:
+                images: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                logits_to_keep: int = 0) -> dict:
         visual = self.encode_images(images, input_ids, attention_mask, labels) if images is not None else None
         embeds, is_img = self._embed(input_ids, visual)
         embeds, is_img, attention_mask = self._with_prompt(embeds, is_img, attention_mask)
@@ -288,8 +294,8 @@ class VLM(nn.Module):
         hidden = self.decoder.forward_hidden(inputs_embeds=embeds[:, P:], cache=cache, layer_hook=self._hook(visual, is_img),
                                              attention_mask=None if attention_mask is None else attention_mask[:, P:])
         hidden = hidden[:, hidden.shape[1] - (input_ids.shape[1] - P):]  # drop the soft prompt's positions
-        if labels is None:
-            return {"logits": self.decoder.lm_head(hidden).float()}
+        if labels is None:  # logits_to_keep: only the last positions' (scoring a known continuation)
+            return {"logits": _wide(self.decoder.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden))}
         return {"loss": self.loss(hidden, labels[:, P:])}
 
     def shared_prefix(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], labels: torch.Tensor) -> int:
@@ -320,7 +326,7 @@ class VLM(nn.Module):
         every position was a quarter of a training step."""
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
-        logits = self.decoder.lm_head(hidden[:, :-1][keep]).float()
+        logits = _wide(self.decoder.lm_head(hidden[:, :-1][keep]))
         if not len(logits):  # every answer cut off by max_length: nothing to learn, not a NaN
             return logits.sum()
         return F.cross_entropy(logits, targets[keep])

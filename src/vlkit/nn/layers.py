@@ -149,7 +149,7 @@ class DropPath(nn.Module):
 
 class RMSNorm(nn.Module):
     """Root-mean-square LayerNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight, in float32
-    then cast back (as Llama does), no centring and no bias."""
+    (float64 for float64 x) then cast back (as Llama does), no centring and no bias."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -157,6 +157,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)

@@ -30,6 +30,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D) rotated by the angles of its positions; computed in float32, returned in x's dtype."""
-    h = x.float()
+    """x (B, H, T, D) rotated by the angles of its positions; computed in float32 (float64 for float64 x),
+    returned in x's dtype."""
+    h = x.to(torch.promote_types(x.dtype, torch.float32))
     return (h * cos + rotate_half(h) * sin).to(x.dtype)

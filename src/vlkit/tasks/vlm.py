@@ -675,12 +675,17 @@ def _image_tensor(path, cfg: VLMConfig) -> torch.Tensor:
     return build_transform(cfg.transform, train=False)(load_image(path), torch.Generator())
 
 
-def answer_files(run: str | Path, images, prompt: str, int8: bool = False, speculative: int = 0) -> list[dict]:
+def answer_files(run: str | Path, images, prompt: str, int8: bool = False, speculative: int = 0,
+                 relevance_dir: Optional[str | Path] = None, relevance: str = "occlusion") -> list[dict]:
     """``[{"path", "answer"}]`` (or ``{"path", "error"}`` for unreadable images) with a VLM run
-    (``int8`` and ``speculative`` as :func:`load_vlm` takes them; float32 weights prepacked)."""
+    (``int8`` and ``speculative`` as :func:`load_vlm` takes them; float32 weights prepacked).
+    ``relevance_dir``: also draw where each answer comes from in its image (``relevance``: ``occlusion`` or
+    ``grad_cam``, :mod:`vlkit.models.relevance`) into ``relevance_dir/<image stem>_relevance.png`` (``"picture"``)."""
     from vlkit.data.images import BadImageError
 
-    model, cfg, encoder = load_vlm(run, int8, speculative, prepack=True)
+    if relevance_dir is not None and int8:
+        raise ConfigError("int8", "the relevance map differentiates the model: not with int8 weights")
+    model, cfg, encoder = load_vlm(run, int8, speculative, prepack=relevance_dir is None)
     out = []
     for path in images:
         try:
@@ -691,8 +696,29 @@ def answer_files(run: str | Path, images, prompt: str, int8: bool = False, specu
         turn = {"role": "user", "content": user_turn(prompt, cfg.data.image_position)}
         ids = torch.tensor([encoder.prompt([turn])])
         new = model.generate(ids, None, pixels[None], cfg.generation)[0].tolist()
-        out.append({"path": str(path), "answer": _decode(encoder.tok, new)})
+        record = {"path": str(path), "answer": _decode(encoder.tok, new)}
+        if relevance_dir is not None:
+            record.update(_draw_relevance(model, cfg, ids, pixels, new, Path(path), f"{prompt}\n-> {record['answer']}",
+                                          Path(relevance_dir), relevance))
+        out.append(record)
     return out
+
+
+def _draw_relevance(model: VLM, cfg: VLMConfig, ids: torch.Tensor, pixels: torch.Tensor, new: list[int], path: Path,
+                    title: str, folder: Path, method: str) -> dict:
+    """The relevance map of the answer (its tokens before the first end token) drawn over the image."""
+    from vlkit.models.relevance import answer_relevance
+    from vlkit.viz.attention import save_attention_grid
+
+    eos = set(cfg.generation.eos_token_ids or (model.decoder.cfg.eos_token_id,))
+    cut = next((i for i, t in enumerate(new) if t in eos), len(new))
+    if cut == 0:
+        return {"relevance_error": "empty answer: nothing to explain"}
+    cam, logp = answer_relevance(model, ids, pixels[None], new[:cut], method)
+    picture = save_attention_grid(pixels[None], [cam.flatten()[None]], tuple(cam.shape),
+                                  folder / f"{path.stem}_relevance.png", [f"relevance ({method})"],
+                                  titles=[title])
+    return {"picture": str(picture), "answer_logprob": logp}
 
 
 class ChatSession:
