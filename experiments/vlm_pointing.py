@@ -12,7 +12,7 @@ widened by ``--tolerance`` pixels (the game's 15 px at 224 px, scaled). The obje
 pixels that differ from the background colour; the world, its annotated box. Printed next to it, on the
 same questions: the hit rate of the image centre and of a uniformly random point (the mean widened-box
 area), both for every question and for the correctly answered ones. Writes ``--out``/pointing.json and a
-grid of the first 12 maps (maps.png).
+grid of the first ``--shown`` maps (maps.png).
 """
 from __future__ import annotations
 
@@ -26,12 +26,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vlkit.data.images import load_image
+from vlkit.data.vl import easy_vqa_answer_type
 from vlkit.models.relevance import answer_relevance
 from vlkit.tasks.vlm import _decode, build_transform, load_vlm, user_turn
 
 
 def easyvqa_items(limit: int):
-    """(image, question, answer, box (x0, y0, x1, y1) in pixels) over easy-VQA's test questions."""
+    """(image, question, answer, box (x0, y0, x1, y1) in pixels, answer type) over easy-VQA's test questions."""
     import easy_vqa
 
     questions, answers, image_ids = easy_vqa.get_test_questions()
@@ -42,7 +43,7 @@ def easyvqa_items(limit: int):
         colours, counts = np.unique(pixels.reshape(-1, 3), axis=0, return_counts=True)
         background = colours[counts.argmax()]
         ys, xs = np.nonzero(np.abs(pixels - background).max(-1) > 40)
-        yield image, q, a, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        yield image, q, a, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1), easy_vqa_answer_type(a)
 
 
 def world_items(cfg, limit: int):
@@ -61,7 +62,7 @@ def world_items(cfg, limit: int):
             if len(named) != 1:
                 continue
             cx, cy, w, h = (v * side for v in named[0]["box"])
-            yield s["image"], q, a, (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+            yield s["image"], q, a, (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), kind
             n += 1
             if n >= limit:
                 return
@@ -84,6 +85,17 @@ def widened_area(box, tol: float, w: int, h: int) -> float:
     return max(0.0, x1 - x0) * max(0.0, y1 - y0) / (w * h)
 
 
+def summarise(rows: list[dict]) -> dict:
+    """Hit rates of the map, the image centre and a random point: all questions, the correctly answered
+    ones, and per question type."""
+    parts = {"all": rows, "correct": [r for r in rows if r["correct"]]}
+    for kind in sorted({r["type"] for r in rows}):
+        parts[kind] = [r for r in rows if r["type"] == kind]
+    return {name: {"questions": len(part), "map": float(np.mean([r["hit"] for r in part])),
+                   "centre": float(np.mean([r["centre_hit"] for r in part])),
+                   "random": float(np.mean([r["chance"] for r in part]))} for name, part in parts.items() if part}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run")
@@ -92,6 +104,7 @@ def main() -> None:
     p.add_argument("--method", default="occlusion", choices=["occlusion", "grad_cam"])
     p.add_argument("--layer", default="auto", choices=["auto", "features", "block"], help="grad_cam's layer")
     p.add_argument("--grid", type=int, default=8, help="occlusion cells per side")
+    p.add_argument("--shown", type=int, default=6, help="maps drawn in maps.png")
     p.add_argument("--out", default="")
     a = p.parse_args()
     model, cfg, encoder = load_vlm(a.run)
@@ -99,7 +112,7 @@ def main() -> None:
     easy = cfg.data.dataset == "easy_vqa"
     items = easyvqa_items(a.limit) if easy else world_items(cfg, a.limit)
     rows, shown = [], []
-    for image, q, answer_true, box in tqdm(items, total=a.limit, desc="pointing"):
+    for image, q, answer_true, box, kind in tqdm(items, total=a.limit, desc="pointing"):
         w, h = image.size
         tol = a.tolerance or 15 / 224 * max(w, h)
         pixels = transform(image, torch.Generator())
@@ -112,17 +125,12 @@ def main() -> None:
         cam, _ = answer_relevance(model, ids, pixels[None], new[:cut], a.method, a.layer, a.grid)
         point = peak(cam, (h, w))
         said = _decode(encoder.tok, new)
-        rows.append({"question": q, "answer": said, "correct": said.lower() == str(answer_true).lower(),
+        rows.append({"question": q, "type": kind, "answer": said, "correct": said.lower() == str(answer_true).lower(),
                      "hit": bool(inside(point, box, tol)), "centre_hit": bool(inside((w / 2, h / 2), box, tol)),
                      "chance": float(widened_area(box, tol, w, h))})
-        if len(shown) < 12:
+        if len(shown) < a.shown:
             shown.append((pixels, cam, f"{q}\n-> {said}"))
-    summary = {}
-    for name, part in [("all", rows), ("correct", [r for r in rows if r["correct"]])]:
-        if part:
-            summary[name] = {"questions": len(part), "grad_cam": float(np.mean([r["hit"] for r in part])),
-                             "centre": float(np.mean([r["centre_hit"] for r in part])),
-                             "random": float(np.mean([r["chance"] for r in part]))}
+    summary = summarise(rows)
     out = Path(a.out or Path(a.run) / "pointing")
     out.mkdir(parents=True, exist_ok=True)
     method = {"method": a.method, "layer": a.layer} if a.method == "grad_cam" else {"method": a.method, "grid": a.grid}
