@@ -89,6 +89,7 @@ def test_quickstart_tiny_writes_the_report(tmp_path, capsys):
     for name in ("curves.png", "retrieval.png"):
         assert (tmp_path / "qs" / "clip" / name).read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "qs" / "vlm" / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    assert "vlm/relevance.png" in report and (tmp_path / "qs" / "vlm" / "relevance.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_quickstart_all_adds_the_dense_stages(tmp_path):

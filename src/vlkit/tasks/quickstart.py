@@ -15,6 +15,7 @@ import logging
 import platform
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -148,6 +149,7 @@ def vlm_stage(cfg: vlm.VLMConfig, run_dir: Path, rel: str, shown: int = 8) -> st
     vqa_rows = [[k.removesuffix("_vqa")] + [f"{m.get(x, float('nan')):.1f}" for x in vqa_keys]
                 for k, m in evals.items() if k.endswith("_vqa")]
     figure = _vlm_samples(cfg, run_dir, shown)
+    relevance = _vlm_relevance(cfg, run_dir, shown // 2)
     c, d = cfg.vision.vit, cfg.decoder.config
     parts = [
         f"Recipe: `{cfg.name}`: ViT d={c.embed_dim} depth={c.depth} at {c.image_size}px -> {cfg.connector.kind} "
@@ -160,7 +162,38 @@ def vlm_stage(cfg: vlm.VLMConfig, run_dir: Path, rel: str, shown: int = 8) -> st
         training_table(result["summary"]),
         f"Test samples (green: the answer matches):\n\n![samples]({rel}/{figure.name})",
     ]
+    if relevance is not None:
+        parts.append("Where the answers to test questions come from (occlusion: how much the answer's likelihood "
+                     "drops when each cell of an 8 x 8 grid is painted over; `vlkit predict RUN IMAGE --prompt "
+                     f"... --attention`):\n\n![relevance]({rel}/{relevance.name})")
     return section("Vision-language model: captioning and VQA on the synthetic world", *parts)
+
+
+def _vlm_relevance(cfg: vlm.VLMConfig, run_dir: Path, shown: int) -> Optional[Path]:
+    """Occlusion maps of the trained model's answers to the first test questions (None without any)."""
+    from vlkit.viz.attention import save_attention_grid
+
+    model, cfg, encoder = vlm.load_vlm(run_dir)
+    transform = vlm.build_transform(cfg.transform, train=False)
+    qas = WorldVQA(cfg.data.world, "test", cfg.data.world.test_length, cfg.data.qa_per_scene)
+    images, maps, titles = [], [], []
+    for i in range(min(len(qas), 4 * shown)):
+        sample = qas[i]
+        question = sample["messages"][0]["content"].replace("<image>", "").strip()
+        pixels = transform(sample["image"], torch.Generator())
+        ids = torch.tensor([encoder.prompt([{"role": "user", "content": sample["messages"][0]["content"]}])])
+        new = model.generate(ids, None, pixels[None], cfg.generation)[0].tolist()
+        explained = vlm.explain_answer(model, cfg, ids, pixels, new)
+        if explained is not None:
+            images.append(pixels)
+            maps.append(explained[0])
+            titles.append(f"{question}\n-> {vlm._decode(encoder.tok, new)}")
+        if len(images) == shown:
+            break
+    if not images:
+        return None
+    return save_attention_grid(torch.stack(images), [torch.stack([m.flatten() for m in maps])], tuple(maps[0].shape),
+                               run_dir / "relevance.png", ["answer relevance"], titles)
 
 
 def _vlm_samples(cfg: vlm.VLMConfig, run_dir: Path, shown: int) -> Path:

@@ -704,17 +704,26 @@ def answer_files(run: str | Path, images, prompt: str, int8: bool = False, specu
     return out
 
 
-def _draw_relevance(model: VLM, cfg: VLMConfig, ids: torch.Tensor, pixels: torch.Tensor, new: list[int], path: Path,
-                    title: str, folder: Path, method: str) -> dict:
-    """The relevance map of the answer (its tokens before the first end token) drawn over the image."""
+def explain_answer(model: VLM, cfg: VLMConfig, ids: torch.Tensor, pixels: torch.Tensor, new: list[int],
+                   method: str = "occlusion") -> Optional[tuple[torch.Tensor, float]]:
+    """(relevance map, log-likelihood) of a generated answer ``new`` (cut at its first end token) to the
+    prompt ``ids`` (1, T) about the image ``pixels`` (C, H, W); None for an empty answer."""
     from vlkit.models.relevance import answer_relevance
-    from vlkit.viz.attention import save_attention_grid
 
     eos = set(cfg.generation.eos_token_ids or (model.decoder.cfg.eos_token_id,))
     cut = next((i for i, t in enumerate(new) if t in eos), len(new))
-    if cut == 0:
+    return answer_relevance(model, ids, pixels[None], new[:cut], method) if cut else None
+
+
+def _draw_relevance(model: VLM, cfg: VLMConfig, ids: torch.Tensor, pixels: torch.Tensor, new: list[int], path: Path,
+                    title: str, folder: Path, method: str) -> dict:
+    """The relevance map of the answer drawn over the image."""
+    from vlkit.viz.attention import save_attention_grid
+
+    explained = explain_answer(model, cfg, ids, pixels, new, method)
+    if explained is None:
         return {"relevance_error": "empty answer: nothing to explain"}
-    cam, logp = answer_relevance(model, ids, pixels[None], new[:cut], method)
+    cam, logp = explained
     picture = save_attention_grid(pixels[None], [cam.flatten()[None]], tuple(cam.shape),
                                   folder / f"{path.stem}_relevance.png", [f"relevance ({method})"],
                                   titles=[title])

@@ -1,6 +1,7 @@
 """Attention maps over images: a heat map of where the class token looks, per image and layer."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -39,7 +40,8 @@ def save_attention_grid(images: torch.Tensor, layer_maps: Sequence[torch.Tensor]
     for i in range(b):
         shown = to_display(images[i])
         axes[i, 0].imshow(shown, interpolation="nearest")
-        axes[i, 0].set_title(titles[i] if i < len(titles) else "image", fontsize=7)
+        title = titles[i] if i < len(titles) else "image"
+        axes[i, 0].set_title("\n".join(textwrap.fill(line, 30) for line in title.split("\n")), fontsize=7)
         for j, h in enumerate(heat):
             axes[i, j + 1].imshow(shown.mean(-1), cmap="gray", interpolation="nearest")
             axes[i, j + 1].imshow(h[i].numpy(), cmap="jet", alpha=0.5, interpolation="bilinear")
