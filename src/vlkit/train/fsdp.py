@@ -71,8 +71,15 @@ def shard(model: nn.Module, device: torch.device, world: int, param_dtype: Optio
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    log.info("fsdp: %d units + the root sharded over %d ranks", len(units), world)
+    held = sum(_local(p).numel() * p.element_size() for p in model.parameters())
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    log.info("fsdp: %d units + the root sharded over %d ranks: this rank holds %.1f of %.1f MiB of parameters",
+             len(units), world, held / 2 ** 20, total / 2 ** 20)
     return model
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def full(value):
