@@ -60,7 +60,8 @@ def _owned_by(model: nn.Module, unit: nn.Module, param_name: str) -> bool:
 
 
 def shard(model: nn.Module, device: torch.device, world: int, param_dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """Shard ``model`` (already on ``device``) over ``world`` ranks in place; returns it.
+    """Shard ``model`` over ``world`` ranks in place; returns it. ``fully_shard`` moves each unit's parameters
+    to ``device`` and keeps this rank's shard, so a model built on the CPU never sits whole on the accelerator.
 
     ``param_dtype`` (bf16 training on CUDA): the dtype parameters are gathered and computed in; gradients
     are reduced and the sharded weights and optimizer states kept in float32.

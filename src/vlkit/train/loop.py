@@ -112,9 +112,10 @@ class Trainer:
         self.sharded = cfg.parallel == "fsdp" and self.world > 1
         self.full_copy = copy.deepcopy(model).cpu() if self.sharded and dist.is_main() else None
         self._gathered_at = -1  # the step whose weights full_copy holds
-        self.model = model.to(self.device)  # the unwrapped module: saved, evaluated, returned
-        if self.sharded:
-            fsdp.shard(self.model, self.device, self.world, self.amp_dtype)
+        self.model = model if self.sharded else model.to(self.device)  # the unwrapped module: saved, evaluated
+        if self.sharded:  # fully_shard moves one unit at a time and keeps its shard: the whole model never
+            fsdp.shard(self.model, self.device, self.world, self.amp_dtype)  # sits on the accelerator
+            self.model.to(self.device)  # buffers no unit manages
         self.optimizer = build_optimizer(self.model, cfg)
         if self.full_copy is not None:  # the same frozen parameters (lr_scale 0 groups)
             flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
