@@ -1,4 +1,5 @@
-"""Does a VLM's Grad-CAM point at the object its answer is about? The pointing game (Zhang et al. 2016).
+"""Does a VLM's answer relevance map (occlusion or Grad-CAM) point at the object its answer is about?
+The pointing game (Zhang et al. 2016).
 
     .venv/bin/python experiments/vlm_pointing.py runs/easyvqa/idefics2 --limit 300
     .venv/bin/python experiments/vlm_pointing.py runs/quickstart/vlm --limit 300     # a synthetic-world VQA run
@@ -8,7 +9,8 @@
 For each test question (easy-VQA: every question is about the one shape; synthetic world: the colour and
 shape questions, about the object named), the run answers, :func:`vlkit.models.relevance.answer_relevance`
 maps where the answer comes from, and a hit is the map's peak (upsampled to pixels) inside the object's box
-widened by ``--tolerance`` pixels (the game's 15 px at 224 px, scaled). The object's box: easy-VQA, the
+widened by ``--tolerance`` pixels (the game's 15 px at 224 px, scaled); a flat map (all zero: nothing
+lowered the answer's likelihood) points nowhere, a miss, counted in ``flat``. The object's box: easy-VQA, the
 pixels that differ from the background colour; the world, its annotated box. Printed next to it, on the
 same questions: the hit rate of the image centre and of a uniformly random point (the mean widened-box
 area), both for every question and for the correctly answered ones. Writes ``--out``/pointing.json and a
@@ -93,7 +95,8 @@ def summarise(rows: list[dict]) -> dict:
         parts[kind] = [r for r in rows if r["type"] == kind]
     return {name: {"questions": len(part), "map": float(np.mean([r["hit"] for r in part])),
                    "centre": float(np.mean([r["centre_hit"] for r in part])),
-                   "random": float(np.mean([r["chance"] for r in part]))} for name, part in parts.items() if part}
+                   "random": float(np.mean([r["chance"] for r in part])),
+                   "flat": sum(r["flat"] for r in part)} for name, part in parts.items() if part}
 
 
 def main() -> None:
@@ -126,7 +129,8 @@ def main() -> None:
         point = peak(cam, (h, w))
         said = _decode(encoder.tok, new)
         rows.append({"question": q, "type": kind, "answer": said, "correct": said.lower() == str(answer_true).lower(),
-                     "hit": bool(inside(point, box, tol)), "centre_hit": bool(inside((w / 2, h / 2), box, tol)),
+                     "hit": bool(cam.max() > 0 and inside(point, box, tol)), "flat": bool(cam.max() <= 0),
+                     "centre_hit": bool(inside((w / 2, h / 2), box, tol)),
                      "chance": float(widened_area(box, tol, w, h))})
         if len(shown) < a.shown:
             shown.append((pixels, cam, f"{q}\n-> {said}"))

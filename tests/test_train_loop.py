@@ -336,10 +336,21 @@ def test_fsdp_two_processes_equal_one_and_resume_on_any_world_size(tmp_path):
         torch.testing.assert_close(b[k], c[k], atol=1e-6, rtol=1e-5)
 
 
+def test_fsdp_ranks_run_as_many_micro_batches_when_a_sample_is_dropped(tmp_path):
+    """Sharded, every micro-batch's forward gathers the weights with all ranks: when a dropped sample leaves
+    one rank a single sample for grad_accum_steps=2, every rank runs one micro-batch (a collective mismatch
+    and an abort otherwise); the dropped sample is counted."""
+    run_torchrun(tmp_path / "fsdp", "--steps", "16", "--dropout", "0", "--no-noise", "--batch", "4", "--accum", "2",
+                 "--blocks", "--fsdp", "--ckpt-every", "16")
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert summary["steps"] == 16 and summary["skipped_samples"] == 1  # one epoch: item 13 met once
+    assert all(np.isfinite(x["loss"]) for x in train_lines(tmp_path / "fsdp"))
+
+
 def test_fsdp_sharding_units_and_config_checks(tmp_path):
     from _train_worker import Blocks
 
-    from vlkit.train.fsdp import sharding_units
+    from vlkit.train.fsdp import shard, sharding_units
 
     model = Blocks(0.0)
     assert sharding_units(model) == [model.blocks[1], model.blocks[0]]  # deepest / last first
@@ -351,8 +362,19 @@ def test_fsdp_sharding_units_and_config_checks(tmp_path):
         TrainConfig(parallel="fsdp", amp="fp16")
     with pytest.raises(ConfigError, match="parallel"):
         TrainConfig(parallel="zero3")
+    from vlkit.tasks.classification import TeacherConfig
+    from vlkit.tasks.continual import ContinualConfig
+
+    with pytest.raises(ConfigError, match="train.parallel"):  # each task's run starts from the last one's model
+        ContinualConfig(train=TrainConfig(parallel="fsdp"))
+    with pytest.raises(ConfigError, match="finetune.parallel"):  # the teacher runs whole on every rank
+        TeacherConfig(finetune=TrainConfig(parallel="fsdp"))
     t = Trainer(make_model(0.0), objective, TransformedDataset(Points(), jitter), cfg(parallel="fsdp"), tmp_path)
     assert not t.sharded and t.full_copy is None  # one process: nothing to shard
+    scalar = make_model(0.0)
+    scalar.temperature = nn.Parameter(torch.tensor(1.0))  # CLIP's logit scale is 0-dim
+    with pytest.raises(ConfigError, match="0-dim parameters \\(temperature\\)"):
+        shard(scalar, torch.device("cpu"), 1)
 
 
 # ---------------------------------------------------------------------------- 7: non-finite losses

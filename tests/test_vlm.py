@@ -356,10 +356,16 @@ def one_prompt(model: VLM):
     return torch.tensor([[5, 6, *[IMG] * model.placeholders_per_image(), 7, 8]])
 
 
-def test_answer_logprobs_score_the_answer_as_the_training_loss_does():
+@pytest.mark.parametrize("instruction", [False, True])
+def test_answer_logprobs_score_the_answer_as_the_training_loss_does(instruction):
+    """Also with InstructBLIP's Q-Former, which reads the prompt: never the answer being scored (training
+    masks it too), so the score does not depend on the answer through the visual tokens."""
     from vlkit.models.relevance import answer_logprobs
 
     model = make_vlm()
+    if instruction:
+        model.connector = build_connector(ConnectorConfig(kind="qformer", num_tokens=4, width=16, num_heads=2,
+                                                          instruction=True), 24, 32)
     ids, images, answer = one_prompt(model), torch.rand(3, 3, 16, 16), [9, 10, 11]
     logp = answer_logprobs(model, ids, images, answer, batch_size=2)  # 2 chunks
     full = torch.cat([ids, torch.tensor([answer])], 1)
@@ -430,3 +436,25 @@ def test_grad_cam_formula():
     torch.testing.assert_close(cam, torch.tensor([[1.0, 1.0], [4.0, 0.0]]) / 4)
     fmap = acts[0, 1:].T.reshape(1, 2, 2, 2)  # the same as a (1, C, h, w) map
     torch.testing.assert_close(grad_cam(fmap, grad[0, 1:].T.reshape(1, 2, 2, 2), (2, 2)), cam)
+
+
+def test_fsdp_rank_without_images_runs_the_same_blocks_and_gradients_match_one_process():
+    """Sharded training where one rank's batch has no image: the vision tower and connector still run (on a
+    blank image, times 0) where visual tokens would enter, and no shared prefix is computed, so both ranks
+    gather the same blocks in the same order (gloo aborts on a mismatch); with spliced tokens + an
+    instruction-aware Q-Former, Flamingo cross-attention and eP-ALM injection, the gathered gradients
+    equal one unsharded process's on both batches (tests/_fsdp_vlm_worker.py)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(here), str(here.parent / "src")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(here / "_fsdp_vlm_worker.py")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for case in ("tokens instruction_qformer", "cross_attention resampler", "inject linear"):
+        assert f"ok {case}" in done.stdout

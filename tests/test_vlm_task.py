@@ -7,11 +7,12 @@ import torch
 
 import vlkit
 from vlkit.cli import CONFIGS_DIR, load_recipe, main
+from vlkit.config import ConfigError
 from vlkit.data.chat import ChatTemplate
 from vlkit.data.tokenizers import train_bpe
 from vlkit.eval.vl_metrics import caption_metrics, normalize_answer, vqa_accuracy
 from vlkit.models.vlm import IGNORE_INDEX
-from vlkit.tasks.vlm import SCRATCH_TEMPLATE, ConversationEncoder
+from vlkit.tasks.vlm import SCRATCH_TEMPLATE, ConversationEncoder, answer_files
 
 TINY = ["train.max_steps=3", "train.epochs=0", "train.batch_size=4", "train.eval_every=0",
         "train.checkpoint_every=3", "train.warmup_steps=1", "train.progress=false", "data.train_limit=32",
@@ -56,6 +57,15 @@ def test_world_caption_trains_reports_and_reloads(tmp_path, capsys, monkeypatch)
                      method, "--out", str(tmp_path / method), "--json", str(tmp_path / f"{method}.json")]) == 0
         record = json.loads((tmp_path / f"{method}.json").read_text())[0]
         assert Path(record["picture"]).is_file() and record["answer_logprob"] < 0, record
+    twin = tmp_path / "other" / "x.jpg"  # the same stem: its picture must not overwrite the first
+    twin.parent.mkdir()
+    Image.new("RGB", (40, 40), (30, 30, 200)).save(twin)
+    assert main(["predict", str(run), str(image), str(twin), "--prompt", "what colour is it?", "--attention", "--int8",
+                 "--out", str(tmp_path / "twins"), "--json", str(tmp_path / "twins.json")]) == 0  # occlusion: forwards only
+    assert [Path(r["picture"]).name for r in json.loads((tmp_path / "twins.json").read_text())] == [
+        "x_relevance.png", "x_2_relevance.png"]
+    with pytest.raises(ConfigError, match="Grad-CAM"):
+        answer_files(run, [image], "what colour is it?", int8=True, relevance_dir=tmp_path / "g", relevance="grad_cam")
     capsys.readouterr()
     import io
 

@@ -5,7 +5,7 @@ injection style vlkit builds (spliced tokens, Flamingo cross-attention, eP-ALM i
 
 - ``occlusion`` (the default of ``vlkit predict --attention``): each cell of a ``grid x grid`` partition
   of the image is replaced by the image's mean colour in turn; a cell's relevance is how much the answer's
-  log-likelihood drops. Faithful by construction, one batched forward of ``grid^2 + 1`` images.
+  log-likelihood drops. Faithful by construction: batched forwards (16 images each) of ``grid^2 + 1`` images.
 - ``grad_cam``: one backward pass. The gradient of the log-likelihood with respect to activations ``A``:
   the visual features the connector reads when they are spatial (``features=last``/``last_n``), else
   inside the tower (ViT: the tokens entering the first block whose output the features read, the layer
@@ -116,14 +116,17 @@ def _check(input_ids: torch.Tensor, images: torch.Tensor, answer: list[int]) -> 
 def answer_logprobs(model: VLM, input_ids: torch.Tensor, images: torch.Tensor, answer: list[int],
                     batch_size: int = 16) -> torch.Tensor:
     """The log-likelihood of ``answer`` after the prompt ``input_ids`` (1, T) with each of ``images``
-    (M, C, H, W) in turn -> (M,): the vocabulary projection only at the answer's positions."""
+    (M, C, H, W) in turn -> (M,): the vocabulary projection only at the answer's positions. The images are
+    encoded with the prompt alone, as in generation and training: an instruction-aware connector (InstructBLIP's
+    Q-Former) never reads the answer it is scored on."""
     tail = torch.tensor([answer], dtype=input_ids.dtype, device=input_ids.device)
     ids = torch.cat([input_ids, tail], 1)
     n = len(answer)
     out = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        logits = model(ids.expand(len(chunk), -1), None, chunk, logits_to_keep=n + 1)["logits"][:, :-1]
+        visual = model.encode_images(chunk, input_ids.expand(len(chunk), -1))
+        logits = model(ids.expand(len(chunk), -1), None, logits_to_keep=n + 1, visual=visual)["logits"][:, :-1]
         out.append(logits.log_softmax(-1).gather(-1, tail.expand(len(chunk), -1)[..., None])[..., 0].sum(1))
     return torch.cat(out)
 

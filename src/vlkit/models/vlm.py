@@ -150,6 +150,8 @@ class VLM(nn.Module):
             raise ValueError(f"inject: {len(self.inject_layers)} layers for {cfg.num_layers} visual tokens")
         self.frozen_parts: tuple[str, ...] = ()  # set by apply_tuning; kept in eval mode
         self.share_prefix = True  # see shared_prefix (off: every position through the whole batch)
+        self.blank_image_size: Optional[int] = None  # side of the images it reads (set by the task)
+        self.always_encode = False  # sharded training: see prepare_sharding
 
     def train(self, mode: bool = True) -> "VLM":
         """Frozen components stay in eval mode (BLIP-2 keeps its frozen ViT so): their BatchNorm statistics
@@ -158,6 +160,28 @@ class VLM(nn.Module):
         for name in self.frozen_parts:
             getattr(self, name).eval()
         return self
+
+    def prepare_sharding(self) -> None:
+        """Before FSDP sharding (:func:`vlkit.train.fsdp.shard`): each forward gathers a sharded block's
+        weights with every rank, so every rank must run the same blocks in each step: the batch-dependent
+        shared prefix (an extra decoder pass on some ranks) goes, and a batch without images still runs the
+        vision tower and connector, on a blank image whose result is multiplied by 0."""
+        self.share_prefix = False
+        self.always_encode = True
+
+    def _idle_hook(self, device: torch.device):
+        """A decoder layer hook adding 0, computed through the vision tower and the connector on a blank image,
+        where visual tokens would enter (see :meth:`prepare_sharding`): the same blocks run forward and
+        backward, in the same order, on a rank without images as on one with."""
+        if self.blank_image_size is None:
+            raise ValueError("a batch without images in sharded training: set model.blank_image_size")
+        feats = self.features(torch.zeros(1, 3, self.blank_image_size, self.blank_image_size, device=device))
+        text = (feats.new_zeros(1, 1, self.decoder.cfg.hidden_size),) if getattr(self.connector, "reads_text", False) else ()
+        zero = self.connector(feats, *text).sum() * 0
+        if self.cfg.style == "cross_attention":
+            zero = zero + (self.media_embed.sum() + sum(p.sum() for p in self.xattn.parameters())) * 0
+        entry = min(self.inject_layers) if self.cfg.style == "inject" else 0
+        return lambda i, x, past: x + zero.to(x.dtype) if i == entry and not past else x
 
     def placeholders_per_image(self) -> int:
         """Placeholder ids a prompt carries per image: K visual tokens (tokens), else one marker."""
@@ -285,13 +309,17 @@ class VLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 images: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                logits_to_keep: int = 0) -> dict:
-        visual = self.encode_images(images, input_ids, attention_mask, labels) if images is not None else None
+                logits_to_keep: int = 0, visual: Optional[torch.Tensor] = None) -> dict:
+        """Training (``labels``: the loss) or scoring (the logits). ``visual``: the images' tokens already
+        encoded (:meth:`encode_images`), e.g. from the prompt alone by an instruction-aware connector."""
+        if visual is None and images is not None:
+            visual = self.encode_images(images, input_ids, attention_mask, labels)
         embeds, is_img = self._embed(input_ids, visual)
         embeds, is_img, attention_mask = self._with_prompt(embeds, is_img, attention_mask)
         P = self.shared_prefix(input_ids, attention_mask, labels) if labels is not None else 0
         cache = self._prefix_cache(embeds[:1, :P]) if P else None
-        hidden = self.decoder.forward_hidden(inputs_embeds=embeds[:, P:], cache=cache, layer_hook=self._hook(visual, is_img),
+        hook = self._idle_hook(input_ids.device) if visual is None and self.always_encode else self._hook(visual, is_img)
+        hidden = self.decoder.forward_hidden(inputs_embeds=embeds[:, P:], cache=cache, layer_hook=hook,
                                              attention_mask=None if attention_mask is None else attention_mask[:, P:])
         hidden = hidden[:, hidden.shape[1] - (input_ids.shape[1] - P):]  # drop the soft prompt's positions
         if labels is None:  # logits_to_keep: only the last positions' (scoring a known continuation)

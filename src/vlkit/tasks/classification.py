@@ -59,6 +59,8 @@ class TeacherConfig:
             raise ConfigError("path", "teacher kind=run needs the path of a trained classifier")
         if self.image_size < 32:
             raise ConfigError("image_size", f"the convnet reduces by 32: need >= 32, got {self.image_size}")
+        if self.finetune.parallel == "fsdp":
+            raise ConfigError("finetune.parallel", "the teacher is used whole on every rank: fine-tune it with ddp")
         if self.finetune_steps < 0:
             raise ConfigError("finetune_steps", f"must be >= 0, got {self.finetune_steps}")
 

@@ -91,6 +91,9 @@ class ContinualConfig:
         if self.divergence_weight < 0:
             raise ConfigError("divergence_weight", f"must be >= 0, got {self.divergence_weight}")
         DyToxConfig(self.vit, self.tab_heads)  # the model's own checks (vit.num_classes), at recipe time
+        if self.train.parallel == "fsdp":
+            raise ConfigError("train.parallel", "each task's run trains the model the previous one returned, "
+                                                "unsharded: use parallel=ddp (DyTox models fit on one device)")
 
 
 def labels_of(ds: Dataset) -> torch.Tensor:

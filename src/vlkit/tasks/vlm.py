@@ -317,6 +317,7 @@ def build_vlm(cfg: VLMConfig) -> VLM:
         k = connector(feats, *text).shape[1]
     model = VLM(vision, connector, decoder, cfg.injection, image_token_id=image_id,
                 num_visual_tokens=k, prompt_tokens=cfg.prompt_tokens)
+    model.blank_image_size = cfg.transform.image_size
     model.apply_tuning(cfg.tuning)
     return model
 
@@ -683,10 +684,11 @@ def answer_files(run: str | Path, images, prompt: str, int8: bool = False, specu
     ``grad_cam``, :mod:`vlkit.models.relevance`) into ``relevance_dir/<image stem>_relevance.png`` (``"picture"``)."""
     from vlkit.data.images import BadImageError
 
-    if relevance_dir is not None and int8:
-        raise ConfigError("int8", "the relevance map differentiates the model: not with int8 weights")
-    model, cfg, encoder = load_vlm(run, int8, speculative, prepack=relevance_dir is None)
-    out = []
+    grads = relevance_dir is not None and relevance == "grad_cam"
+    if grads and int8:
+        raise ConfigError("int8", "Grad-CAM differentiates the model: not with int8 weights (occlusion is fine)")
+    model, cfg, encoder = load_vlm(run, int8, speculative, prepack=not grads)
+    out, stems = [], set()
     for path in images:
         try:
             pixels = _image_tensor(path, cfg)
@@ -698,10 +700,21 @@ def answer_files(run: str | Path, images, prompt: str, int8: bool = False, specu
         new = model.generate(ids, None, pixels[None], cfg.generation)[0].tolist()
         record = {"path": str(path), "answer": _decode(encoder.tok, new)}
         if relevance_dir is not None:
-            record.update(_draw_relevance(model, cfg, ids, pixels, new, Path(path), f"{prompt}\n-> {record['answer']}",
+            stem = _unique(Path(path).stem, stems)
+            record.update(_draw_relevance(model, cfg, ids, pixels, new, stem, f"{prompt}\n-> {record['answer']}",
                                           Path(relevance_dir), relevance))
         out.append(record)
     return out
+
+
+def _unique(stem: str, taken: set) -> str:
+    """``stem``, or ``stem_2``, ``stem_3``... when an earlier image of the call had that name (a.jpg, a.png)."""
+    name, k = stem, 1
+    while name in taken:
+        k += 1
+        name = f"{stem}_{k}"
+    taken.add(name)
+    return name
 
 
 def explain_answer(model: VLM, cfg: VLMConfig, ids: torch.Tensor, pixels: torch.Tensor, new: list[int],
@@ -715,7 +728,7 @@ def explain_answer(model: VLM, cfg: VLMConfig, ids: torch.Tensor, pixels: torch.
     return answer_relevance(model, ids, pixels[None], new[:cut], method) if cut else None
 
 
-def _draw_relevance(model: VLM, cfg: VLMConfig, ids: torch.Tensor, pixels: torch.Tensor, new: list[int], path: Path,
+def _draw_relevance(model: VLM, cfg: VLMConfig, ids: torch.Tensor, pixels: torch.Tensor, new: list[int], stem: str,
                     title: str, folder: Path, method: str) -> dict:
     """The relevance map of the answer drawn over the image."""
     from vlkit.viz.attention import save_attention_grid
@@ -725,7 +738,7 @@ def _draw_relevance(model: VLM, cfg: VLMConfig, ids: torch.Tensor, pixels: torch
         return {"relevance_error": "empty answer: nothing to explain"}
     cam, logp = explained
     picture = save_attention_grid(pixels[None], [cam.flatten()[None]], tuple(cam.shape),
-                                  folder / f"{path.stem}_relevance.png", [f"relevance ({method})"],
+                                  folder / f"{stem}_relevance.png", [f"relevance ({method})"],
                                   titles=[title])
     return {"picture": str(picture), "answer_logprob": logp}
 

@@ -55,12 +55,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _reduce(values: Sequence[float]) -> list[float]:
+def _reduce(values: Sequence[float], op=dist.ReduceOp.SUM) -> list[float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
     if dist.is_initialized():
         if dist.get_backend() == "nccl":
             t = t.to(device())
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
     return t.cpu().tolist()
 
 
@@ -72,6 +72,11 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
 def all_reduce_mean(values: Sequence[float]) -> list[float]:
     """Element-wise mean over ranks of a list of Python numbers (one collective)."""
     return [v / world_size() for v in _reduce(values)]
+
+
+def all_reduce_min(values: Sequence[float]) -> list[float]:
+    """Element-wise minimum over ranks of a list of Python numbers (one collective)."""
+    return _reduce(values, dist.ReduceOp.MIN)
 
 
 def cleanup() -> None:

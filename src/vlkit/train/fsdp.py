@@ -22,6 +22,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from vlkit.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -35,6 +37,7 @@ def sharding_units(model: nn.Module) -> list[nn.Module]:
         candidates = [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m
                       if any(True for _ in child.parameters())]
     order = {id(m): i for i, m in enumerate(model.modules())}
+    candidates = list({id(m): m for m in candidates}.values())  # a module listed twice is sharded once
     candidates.sort(key=lambda m: -order[id(m)])  # children before their parents
     units = []
     for unit in candidates:
@@ -64,14 +67,27 @@ def shard(model: nn.Module, device: torch.device, world: int, param_dtype: Optio
     to ``device`` and keeps this rank's shard, so a model built on the CPU never sits whole on the accelerator.
 
     ``param_dtype`` (bf16 training on CUDA): the dtype parameters are gathered and computed in; gradients
-    are reduced and the sharded weights and optimizer states kept in float32.
+    are reduced and the sharded weights and optimizer states kept in float32. The activations between
+    units are left as autocast makes them (the residual stream stays float32, as without sharding).
+
+    A parameter that one rank leaves unused in a step (e.g. Flamingo's cross-attention on a batch without
+    images) gets a zero gradient there, so every rank reduces the same tensors.
     """
+    scalars = [name for name, p in model.named_parameters() if p.dim() == 0]
+    if scalars:
+        raise ConfigError("train.parallel", f"FSDP cannot shard 0-dim parameters ({', '.join(scalars)}): "
+                                            "use parallel=ddp for this model")
+    if hasattr(model, "prepare_sharding"):  # e.g. VLM: every rank runs the same blocks in each step
+        model.prepare_sharding()
     mesh = init_device_mesh(device.type, (world,))
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None,
+                                  cast_forward_inputs=False)
     units = sharding_units(model)
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if hasattr(model, "set_reduce_scatter_unused_params"):  # torch >= 2.12
+        model.set_reduce_scatter_unused_params(True)
     held = sum(_local(p).numel() * p.element_size() for p in model.parameters())
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     log.info("fsdp: %d units + the root sharded over %d ranks: this rank holds %.1f of %.1f MiB of parameters",
@@ -88,17 +104,26 @@ def full(value):
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded state dict of a sharded ``model`` on the CPU (collective: every rank calls it)."""
-    return {k: full(v).detach().cpu() for k, v in model.state_dict().items()}
+def _kept(value, keep: bool):
+    """A tensor gathered whole (every rank takes part) and copied to the CPU where ``keep``, else None."""
+    value = full(value)
+    return value.detach().cpu() if keep else None
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """``optimizer.state_dict()`` with every sharded state tensor gathered to the CPU (collective)."""
+def full_model_state(model: nn.Module, keep: bool = True) -> Optional[dict[str, torch.Tensor]]:
+    """The unsharded state dict of a sharded ``model`` on the CPU (collective: every rank calls it; the
+    ranks with ``keep`` False gather each tensor but hold no copy and get None)."""
+    state = {k: _kept(v, keep) for k, v in model.state_dict().items()}
+    return state if keep else None
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> Optional[dict]:
+    """``optimizer.state_dict()`` with every sharded state tensor gathered to the CPU (collective; None
+    where ``keep`` is False)."""
     state = optimizer.state_dict()
-    gathered = {idx: {k: full(v).detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+    gathered = {idx: {k: _kept(v, keep) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
                 for idx, entry in state["state"].items()}
-    return {"state": gathered, "param_groups": state["param_groups"]}
+    return {"state": gathered, "param_groups": state["param_groups"]} if keep else None
 
 
 def _like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 ``Trainer(model, objective, train_data, cfg, run_dir).fit()``: AdamW + warmup/cosine, per-group
 learning rates (0 freezes), gradient accumulation and clipping, autocast on CUDA, optional EMA, DDP or
-FSDP2 (``parallel=fsdp``, :mod:`vlkit.train.fsdp`) under torchrun, metrics in ``run_dir/metrics.jsonl`` plotted to ``run_dir/curves.png``, atomic
-safetensors checkpoints in ``run_dir/checkpoints``.
+FSDP2 (``parallel=fsdp``, :mod:`vlkit.train.fsdp`) under torchrun, metrics in ``run_dir/metrics.jsonl``
+plotted to ``run_dir/curves.png``, atomic safetensors checkpoints in ``run_dir/checkpoints``.
 
 Exact resume: everything random in step s is a function of (seed, s, rank): the data order
 (:mod:`vlkit.train.sampler`, global batch ``s mod steps_per_epoch`` of epoch ``s // steps_per_epoch``),
@@ -59,7 +59,7 @@ def batch_len(batch: dict) -> int:
 
 
 def split_batch(batch: dict, n: int) -> list[dict]:
-    """A collated batch -> at most ``n`` non-empty micro-batches (tensors and lists split along axis 0)."""
+    """A collated batch -> ``min(n, its samples)`` non-empty micro-batches (tensors and lists split along axis 0)."""
     size = batch_len(batch)
     n = max(1, min(n, size))
     if n == 1:
@@ -91,8 +91,9 @@ class Trainer:
 
     ``cfg.parallel == "fsdp"`` with several processes: ``model`` is sharded in place (FSDP2); the main
     process keeps an unsharded copy on the CPU, refreshed (all ranks gathering) before each evaluation and
-    checkpoint and at the end: :meth:`eval_model` / :meth:`final_model` return it there (on the training
-    device after ``fit``), and the sharded module on the other ranks.
+    checkpoint and at the end: :meth:`eval_model` / :meth:`final_model` return it there (moved whole to the
+    training device for evaluation and after ``fit``), and the sharded module on the other ranks (usable
+    only in collectives with every rank: use the main rank's).
     """
 
     def __init__(self, model: nn.Module, objective: Objective, train_data, cfg: TrainConfig, run_dir: str | Path,
@@ -222,7 +223,7 @@ class Trainer:
         if self.batch_transform is not None:
             batch = self.batch_transform(batch, torch.Generator().manual_seed(seed ^ 0xB47C))
         set_lr(self.optimizer, lr_at(self.step, self.cfg, self.total_steps))
-        micros = split_batch(batch, self.cfg.grad_accum_steps)
+        micros = split_batch(batch, self._micro_count(batch_len(batch)))
         logs = [self._micro_step(m, i == len(micros) - 1, len(micros)) for i, m in enumerate(micros)]
         scalars = {k: torch.stack([d[k] for d in logs]).mean() for k in logs[0]}
         finite, scalars = self._reduce(scalars, num_skipped)
@@ -231,6 +232,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return finite
+
+    def _micro_count(self, size: int) -> int:
+        """Micro-batches of this step: ``grad_accum_steps``, fewer when samples were dropped. Sharded, every
+        rank runs the same number (each forward gathers the weights with all ranks): the fewest of any rank."""
+        n = max(1, min(self.cfg.grad_accum_steps, size))
+        if self.sharded and self.cfg.grad_accum_steps > 1:
+            n = int(dist.all_reduce_min([n])[0])
+        return n
 
     def _empty_step(self, num_skipped: int) -> bool:
         if self.world > 1:
@@ -319,7 +328,7 @@ class Trainer:
     def _gather(self) -> None:
         """Sharded: refresh the main process's unsharded copy (a collective: every rank calls it)."""
         if self.sharded and self._gathered_at != self.step:
-            full = fsdp.full_model_state(self.model)
+            full = fsdp.full_model_state(self.model, keep=self.full_copy is not None)
             if self.full_copy is not None:
                 self.full_copy.load_state_dict(full)
             self._gathered_at = self.step
@@ -388,7 +397,7 @@ class Trainer:
         model, optimizer = self.model, self.optimizer
         if self.sharded:  # gathered on every rank, written by the main one
             self._gather()
-            model, optimizer = self.full_copy, fsdp.full_optimizer_state(self.optimizer)
+            model, optimizer = self.full_copy, fsdp.full_optimizer_state(self.optimizer, keep=dist.is_main())
         if dist.is_main():
             if all(torch.isfinite(p).all() for p in model.parameters()):
                 save_checkpoint(self.ckpt_dir, self.step, model, optimizer, self.ema, self._state(),
