@@ -12,7 +12,8 @@ from vlkit.data.chat import ChatTemplate
 from vlkit.data.tokenizers import train_bpe
 from vlkit.eval.vl_metrics import caption_metrics, normalize_answer, vqa_accuracy
 from vlkit.models.vlm import IGNORE_INDEX
-from vlkit.tasks.vlm import SCRATCH_TEMPLATE, ConversationEncoder, answer_files
+from vlkit.tasks.answer import answer_files
+from vlkit.tasks.vlm import SCRATCH_TEMPLATE, ConversationEncoder
 
 TINY = ["train.max_steps=3", "train.epochs=0", "train.batch_size=4", "train.eval_every=0",
         "train.checkpoint_every=3", "train.warmup_steps=1", "train.progress=false", "data.train_limit=32",
@@ -83,7 +84,7 @@ def test_world_caption_trains_reports_and_reloads(tmp_path, capsys, monkeypatch)
     from vlkit.tasks.vlm import load_vlm
 
     assert isinstance(load_vlm(run, int8=True)[0].decoder.lm_head, Int8Linear)
-    from vlkit.tasks.vlm import ChatSession
+    from vlkit.tasks.answer import ChatSession
 
     from vlkit.decoders.quantize import PackedLinear
 

@@ -134,9 +134,10 @@ def _architecture(path: str) -> str:
     from vlkit.checkpoints.hub import read_model_config
 
     try:
-        return read_model_config(path).get("architecture", "")
+        doc = read_model_config(path)
     except Exception:  # noqa: BLE001 - not a folder we can read: the classifier path reports it
         return ""
+    return "vlm" if doc.get("model_type") == "idefics2" else doc.get("architecture", "")
 
 
 def cmd_predict(args) -> int:
@@ -158,7 +159,7 @@ def cmd_predict(args) -> int:
             Path(args.json).write_text(json.dumps(results, indent=2))
         return 0
     if arch == "vlm":
-        from vlkit.tasks.vlm import answer_files
+        from vlkit.tasks.answer import answer_files
 
         results = answer_files(args.run, args.images, args.prompt, int8=args.int8, speculative=args.speculative,
                                relevance_dir=args.out if args.attention else None, relevance=args.relevance)
@@ -220,7 +221,7 @@ def cmd_search_query(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from vlkit.tasks.vlm import ChatSession
+    from vlkit.tasks.answer import ChatSession
 
     session = ChatSession(args.run, args.image, int8=args.int8, speculative=args.speculative)
     print(f"chatting about {args.image} (empty line or Ctrl-D to stop)")
@@ -260,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="overrides of the run's recipe, e.g. data.eval_limit=1000")
     e.set_defaults(fn=cmd_eval)
     r = sub.add_parser("predict", help="classify images: vlkit predict RUN IMAGE...")
-    r.add_argument("run", help="run folder, vlkit model folder or HF ViT/DeiT folder")
+    r.add_argument("run", help="run folder, vlkit model folder, HF ViT/DeiT folder or HF Idefics2 folder")
     r.add_argument("images", nargs="+")
     r.add_argument("--top-k", type=int, default=3)
     r.add_argument("--json", default="", help="also write the predictions to this JSON file")
@@ -279,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "65 forwards) or grad_cam (one backward)")
     r.set_defaults(fn=cmd_predict)
     c = sub.add_parser("chat", help="talk about an image with a VLM run: vlkit chat RUN IMAGE (questions on stdin)")
-    c.add_argument("run")
+    c.add_argument("run", help="VLM run folder or HF Idefics2 folder (with its processor's files)")
     c.add_argument("image")
     c.add_argument("--int8", action="store_true", help="the language model with int8 weights (faster on a CPU)")
     c.set_defaults(fn=cmd_chat)

@@ -15,17 +15,29 @@ pads a batch of sizes and masks the padding: give vlkit one size per call). ``ge
 greedily or by sampling / beams. :func:`idefics2_prompt`
 frames each ``<image>`` of a prompt as the processor does. Mistral's sliding
 window is not applied: prompts and answers up to ``sliding_window`` tokens (4,096) are exact.
+
+The processor's side, for ``vlkit predict`` / ``vlkit chat`` on such a folder: :class:`Idefics2Images` (the
+image pipeline of ``preprocessor_config.json``, image splitting included) and :class:`Idefics2Prompts` (the
+folder's chat template, ``<image>`` framing and ``tokenizer.json``), compared with transformers' processor in
+the tests.
 """
 from __future__ import annotations
 
 import json
 import logging
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
 
 from vlkit.checkpoints.io import CheckpointError, load_state_dict_strict
 from vlkit.connectors.idefics2 import Idefics2Connector, idefics2_state_from_hf
+from vlkit.data.chat import ChatTemplate
+from vlkit.data.tokenizers import TextTokenizer
 from vlkit.decoders.loading import causal_lm_from_state, convert_llama, llama_config, read_folder_weights
 from vlkit.encoders.vit import VisionTransformer
 from vlkit.models.clip import siglip_vision_config, convert_hf_siglip_vision
@@ -82,3 +94,122 @@ def load_hf_idefics2(folder: str | Path) -> VLM:
                 image_token_id=raw.get("image_token_id", 32001), num_visual_tokens=connector.latents.shape[0])
     log.info("loaded Idefics2 from %s: %d visual tokens per image", folder, model.num_visual_tokens)
     return model.eval()
+
+
+@dataclass(frozen=True)
+class Idefics2Images:
+    """Idefics2's image pipeline, as transformers' ``Idefics2ImageProcessor`` (PIL backend) runs it: with
+    ``split`` the image's four quarters, then the whole image; each resized (bilinear) so that a side over
+    ``longest_edge`` comes down to it with the aspect kept, then each side raised to ``shortest_edge`` at
+    least; scaled by ``rescale`` and normalised. No padding: crops of several sizes are encoded a size at a
+    time (transformers pads them to one size and masks the padding). A side that is not a multiple of the
+    patch loses its last pixels in the vision tower, as in transformers' patch convolution."""
+
+    shortest_edge: int = 378
+    longest_edge: int = 980
+    split: bool = False
+    resize: bool = True
+    resample: int = 2  # PIL's BILINEAR
+    rescale: float = 1 / 255
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "Idefics2Images":
+        """``preprocessor_config.json`` of an Idefics2 folder, else the ``image_processor`` of its
+        ``processor_config.json`` (as transformers 5 saves it); transformers' defaults where both are silent."""
+        path = Path(folder) / "preprocessor_config.json"
+        raw = json.loads(path.read_text()) if path.is_file() else {}
+        if not path.is_file() and (Path(folder) / "processor_config.json").is_file():
+            path = Path(folder) / "processor_config.json"
+            raw = json.loads(path.read_text()).get("image_processor", {})
+        size = raw.get("size") or {}
+        if size and not {"shortest_edge", "longest_edge"} <= set(size):
+            raise CheckpointError(f"{path}: size {size} is not Idefics2's shortest_edge / longest_edge")
+        return cls(shortest_edge=size.get("shortest_edge", 378), longest_edge=size.get("longest_edge", 980),
+                   split=bool(raw.get("do_image_splitting", False)), resize=raw.get("do_resize", True),
+                   resample=raw.get("resample", 2),
+                   rescale=raw.get("rescale_factor", 1 / 255) if raw.get("do_rescale", True) else 1.0,
+                   mean=tuple(raw.get("image_mean", (0.5,) * 3)) if raw.get("do_normalize", True) else (0.0,),
+                   std=tuple(raw.get("image_std", (0.5,) * 3)) if raw.get("do_normalize", True) else (1.0,))
+
+    @property
+    def crops(self) -> int:
+        """Images the model sees per image given: 5 with splitting (four quarters, the whole), else 1."""
+        return 5 if self.split else 1
+
+    def size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) after resizing, with transformers' truncations."""
+        if width >= height and width > self.longest_edge:
+            width, height = self.longest_edge, int(self.longest_edge / (width / height))
+        elif height > width and height > self.longest_edge:
+            height, width = self.longest_edge, int(self.longest_edge * (width / height))
+        return max(height, self.shortest_edge), max(width, self.shortest_edge)
+
+    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
+        """An RGB image -> its crops, each (3, H, W) float32, in the order their ``<image>`` runs take."""
+        w, h = image.size
+        crops = [image]
+        if self.split:
+            mw, mh = w // 2, h // 2
+            crops = [image.crop(box) for box in ((0, 0, mw, mh), (mw, 0, w, mh), (0, mh, mw, h), (mw, mh, w, h))]
+            crops.append(image)
+        out = []
+        for crop in crops:
+            if self.resize:
+                height, width = self.size(crop.height, crop.width)
+                crop = crop.resize((width, height), resample=self.resample)
+            x = np.asarray(crop, dtype=np.float32) * np.float32(self.rescale)
+            x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+            out.append(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))))
+        return out
+
+
+def _parts(content) -> list[dict]:
+    """A message's content as Idefics2's template reads it: typed parts; a string's ``<image>`` marks become
+    image parts between its text parts."""
+    if not isinstance(content, str):
+        return list(content)
+    pieces = content.split(IMAGE)
+    parts: list[dict] = []
+    for i, text in enumerate(pieces):
+        if i:
+            parts.append({"type": "image"})
+        if text:
+            parts.append({"type": "text", "text": text})
+    return parts
+
+
+class Idefics2Prompts:
+    """Chat turns -> prompt ids as ``Idefics2Processor`` makes them: the folder's chat template over typed
+    parts, each ``<image>`` framed (:func:`idefics2_prompt`, ``image_seq_len`` tokens per crop), then the
+    folder's ``tokenizer.json`` with its own special tokens (Mistral's start token)."""
+
+    def __init__(self, folder: str | Path, image_seq_len: int, crops: int = 1):
+        folder = Path(folder)
+        self.tok = TextTokenizer.from_file(folder)
+        try:
+            self.chat = ChatTemplate.from_hf(folder)
+        except ValueError:  # a folder saved without its processor's template: Idefics2's own
+            self.chat = ChatTemplate(CHAT_TEMPLATE)
+        self.image_seq_len, self.crops = image_seq_len, crops
+        self.end_of_utterance = self.tok.tokenizer.token_to_id(END_OF_UTTERANCE)
+
+    def first_turn(self, question: str) -> list[dict]:
+        """A conversation's first user turn: the image, then ``question`` (the processor's examples)."""
+        return [{"type": "image"}, {"type": "text", "text": question}]
+
+    def text(self, messages: Sequence[dict]) -> str:
+        turns = [{**m, "content": _parts(m["content"])} for m in messages]
+        return idefics2_prompt(self.chat.render(turns, add_generation_prompt=True), self.image_seq_len, self.crops)
+
+    def prompt(self, messages: Sequence[dict]) -> list[int]:
+        return self.tok.tokenizer.encode(self.text(messages), add_special_tokens=True).ids
+
+
+END_OF_UTTERANCE = "<end_of_utterance>"
+CHAT_TEMPLATE = ("{% for message in messages %}{{message['role'].capitalize()}}"
+                 "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+                 "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+                 "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+                 "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")

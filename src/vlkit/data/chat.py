@@ -4,6 +4,7 @@ file, ``chat_template`` in an HF tokenizer config) rendered in a sandbox, as tra
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -46,12 +47,16 @@ class ChatTemplate:
     @classmethod
     def from_hf(cls, folder: str | Path) -> "ChatTemplate":
         """The template of an HF model folder: ``chat_template.jinja``, else ``chat_template`` in
+        ``chat_template.json`` or ``processor_config.json`` (a multimodal processor's), else in
         ``tokenizer_config.json`` (a string, or named templates: the ``default`` one), with its bos / eos tokens."""
         from vlkit.data.tokenizers import hf_tokenizer_config
 
         folder = Path(folder)
         conf = hf_tokenizer_config(folder)
         template = conf.get("chat_template")
+        for name in ("processor_config.json", "chat_template.json"):
+            if (folder / name).is_file():
+                template = json.loads((folder / name).read_text()).get("chat_template", template)
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text()
         if isinstance(template, list):  # [{"name": ..., "template": ...}]

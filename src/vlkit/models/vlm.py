@@ -191,13 +191,38 @@ class VLM(nn.Module):
                       attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None
                       ) -> torch.Tensor:
         """(M, C, H, W) -> visual tokens in the language model's space (M, K, C_lm). An instruction-aware
-        connector also reads, for each image, the text of its sample (``input_ids``)."""
+        connector also reads, for each image, the text of its sample (``input_ids``). ``images`` may also be
+        a list of M (C, H, W) images of several sizes (Idefics2's crops and whole image): they are encoded a
+        size at a time, and must give as many visual tokens each (a resampler's K)."""
+        if not torch.is_tensor(images):
+            return self._encode_by_size(list(images), input_ids, attention_mask, labels)
         feats = self.features(images)
         if not getattr(self.connector, "reads_text", False):
             return self.connector(feats)
         if input_ids is None:
             raise ValueError("this connector reads the prompt's text: pass input_ids with the images")
         return self.connector(feats, *self.instruction(input_ids, attention_mask, labels, images.shape[0]))
+
+    def _encode_by_size(self, images: list[torch.Tensor], input_ids: Optional[torch.Tensor],
+                        attention_mask: Optional[torch.Tensor], labels: Optional[torch.Tensor]) -> torch.Tensor:
+        text = None
+        if getattr(self.connector, "reads_text", False):
+            if input_ids is None:
+                raise ValueError("this connector reads the prompt's text: pass input_ids with the images")
+            text = self.instruction(input_ids, attention_mask, labels, len(images))
+        groups: dict[tuple, list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(tuple(image.shape), []).append(i)
+        out: list[Optional[torch.Tensor]] = [None] * len(images)
+        for idx in groups.values():
+            feats = self.features(torch.stack([images[i] for i in idx]))
+            tokens = self.connector(feats) if text is None else self.connector(feats, *(t[idx] for t in text))
+            for i, t in zip(idx, tokens):
+                out[i] = t
+        if len({t.shape for t in out}) > 1:
+            raise ValueError(f"images of sizes {sorted(groups)} give different numbers of visual tokens "
+                             f"({sorted({t.shape[0] for t in out})}): give images of one size to this connector")
+        return torch.stack(out)
 
     def instruction(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], labels: Optional[torch.Tensor],
                     num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,7 +387,8 @@ class VLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], images: Optional[torch.Tensor],
                  cfg: GenerationConfig = GenerationConfig(), stop_fn=None) -> torch.Tensor:
-        """New tokens (B, <= max_new_tokens) after left-padded prompts with their images."""
+        """New tokens (B, <= max_new_tokens) after left-padded prompts with their images (a tensor, or a list
+        of images of several sizes as :meth:`encode_images` takes them)."""
         visual = self.encode_images(images, input_ids, attention_mask) if images is not None else None
         embeds, is_img = self._embed(input_ids, visual)
         embeds, is_img, attention_mask = self._with_prompt(embeds, is_img, attention_mask)

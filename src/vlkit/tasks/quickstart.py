@@ -171,6 +171,7 @@ def vlm_stage(cfg: vlm.VLMConfig, run_dir: Path, rel: str, shown: int = 8) -> st
 
 def _vlm_relevance(cfg: vlm.VLMConfig, run_dir: Path, shown: int) -> Optional[Path]:
     """Occlusion maps of the trained model's answers to the first test questions (None without any)."""
+    from vlkit.tasks.answer import explain_answer
     from vlkit.viz.attention import save_attention_grid
 
     model, cfg, encoder = vlm.load_vlm(run_dir)
@@ -183,7 +184,7 @@ def _vlm_relevance(cfg: vlm.VLMConfig, run_dir: Path, shown: int) -> Optional[Pa
         pixels = transform(sample["image"], torch.Generator())
         ids = torch.tensor([encoder.prompt([{"role": "user", "content": sample["messages"][0]["content"]}])])
         new = model.generate(ids, None, pixels[None], cfg.generation)[0].tolist()
-        explained = vlm.explain_answer(model, cfg, ids, pixels, new)
+        explained = explain_answer(model, cfg.generation, ids, pixels, new)
         if explained is not None:
             images.append(pixels)
             maps.append(explained[0])

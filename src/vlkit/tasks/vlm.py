@@ -123,13 +123,18 @@ class ConversationEncoder:
     """messages -> token ids with ``<image>`` expanded to the VLM's placeholders, and labels that
     keep only the assistant turns (each rendered by the chat template; ``eos_id`` appended after
     each when the template has no end-of-turn token of its own). ``system``: a system message put
-    before every conversation that has none (None: the template's own default, if any)."""
+    before every conversation that has none (None: the template's own default, if any). ``image_position``:
+    where :meth:`first_turn` puts the image (``data.image_position``)."""
 
     def __init__(self, tokenizer: TextTokenizer, chat: ChatTemplate, image_token_id: int, placeholders: int,
-                 eos_id: Optional[int] = None, system: Optional[str] = None):
+                 eos_id: Optional[int] = None, system: Optional[str] = None, image_position: str = "before"):
         self.tok, self.chat, self.image_id, self.placeholders, self.eos_id = (tokenizer, chat, image_token_id,
                                                                               placeholders, eos_id)
-        self.system = system
+        self.system, self.image_position = system, image_position
+
+    def first_turn(self, question: str) -> str:
+        """The content of a conversation's first user turn: the image and ``question``."""
+        return user_turn(question, self.image_position)
 
     def with_system(self, messages: list[dict]) -> list[dict]:
         if self.system is None or (messages and messages[0]["role"] == "system"):
@@ -632,19 +637,27 @@ def load_vlm(path: str | Path, int8: bool = False, speculative: int = 0, prepack
     model = build_vlm(cfg)
     load_weights(model, folder)
     tok, chat, eos = build_text(cfg, folder, None)
-    encoder = ConversationEncoder(tok, chat, model.image_token_id, model.placeholders_per_image(), eos, cfg.system)
+    encoder = ConversationEncoder(tok, chat, model.image_token_id, model.placeholders_per_image(), eos, cfg.system,
+                                  cfg.data.image_position)
+    return for_decoding(model, int8, prepack and not cfg.generation.compile), cfg, encoder
+
+
+def for_decoding(model: VLM, int8: bool = False, prepack: bool = False) -> VLM:
+    """``model`` in eval mode, its language model's weights quantized to int8 (``int8``), or with LoRA merged
+    and prepacked in oneDNN's layout (``prepack``; not with ``VLKIT_ONEDNN_LINEAR=0``), as :func:`load_vlm`
+    describes."""
     if int8:  # the language model's linears, which dominate decoding on a CPU
         from vlkit.decoders.quantize import quantize_int8
 
         quantize_int8(model.decoder)
-    elif prepack and ONEDNN_LINEAR and not cfg.generation.compile:  # (compiled steps trace plain weights)
+    elif prepack and ONEDNN_LINEAR:  # (compiled steps trace plain weights: not with generation.compile)
         from vlkit.decoders.quantize import prepack_fp32
         from vlkit.nn.lora import merge_lora
 
         with torch.no_grad():
             merge_lora(model.decoder)  # LoRA folded into the weights it adapts, then those packed
         prepack_fp32(model.decoder)
-    return model.eval(), cfg, encoder
+    return model.eval()
 
 
 EVAL_OVERRIDABLE = ("data.", "generation.", "eval_batch_size")
@@ -668,94 +681,3 @@ def evaluate_run(run: str | Path, overrides: list[str] = ()) -> dict:
         result["samples"][name] = answers[:50]
         result["protocol"] = result["protocol"] or protocol(cfg, encoder, raw[0])
     return result
-
-
-def _image_tensor(path, cfg: VLMConfig) -> torch.Tensor:
-    from vlkit.data.images import load_image
-
-    return build_transform(cfg.transform, train=False)(load_image(path), torch.Generator())
-
-
-def answer_files(run: str | Path, images, prompt: str, int8: bool = False, speculative: int = 0,
-                 relevance_dir: Optional[str | Path] = None, relevance: str = "occlusion") -> list[dict]:
-    """``[{"path", "answer"}]`` (or ``{"path", "error"}`` for unreadable images) with a VLM run
-    (``int8`` and ``speculative`` as :func:`load_vlm` takes them; float32 weights prepacked).
-    ``relevance_dir``: also draw where each answer comes from in its image (``relevance``: ``occlusion`` or
-    ``grad_cam``, :mod:`vlkit.models.relevance`) into ``relevance_dir/<image stem>_relevance.png`` (``"picture"``)."""
-    from vlkit.data.images import BadImageError
-
-    grads = relevance_dir is not None and relevance == "grad_cam"
-    if grads and int8:
-        raise ConfigError("int8", "Grad-CAM differentiates the model: not with int8 weights (occlusion is fine)")
-    model, cfg, encoder = load_vlm(run, int8, speculative, prepack=not grads)
-    out, stems = [], set()
-    for path in images:
-        try:
-            pixels = _image_tensor(path, cfg)
-        except BadImageError as e:
-            out.append({"path": str(path), "error": e.reason})
-            continue
-        turn = {"role": "user", "content": user_turn(prompt, cfg.data.image_position)}
-        ids = torch.tensor([encoder.prompt([turn])])
-        new = model.generate(ids, None, pixels[None], cfg.generation)[0].tolist()
-        record = {"path": str(path), "answer": _decode(encoder.tok, new)}
-        if relevance_dir is not None:
-            stem = _unique(Path(path).stem, stems)
-            record.update(_draw_relevance(model, cfg, ids, pixels, new, stem, f"{prompt}\n-> {record['answer']}",
-                                          Path(relevance_dir), relevance))
-        out.append(record)
-    return out
-
-
-def _unique(stem: str, taken: set) -> str:
-    """``stem``, or ``stem_2``, ``stem_3``... when an earlier image of the call had that name (a.jpg, a.png)."""
-    name, k = stem, 1
-    while name in taken:
-        k += 1
-        name = f"{stem}_{k}"
-    taken.add(name)
-    return name
-
-
-def explain_answer(model: VLM, cfg: VLMConfig, ids: torch.Tensor, pixels: torch.Tensor, new: list[int],
-                   method: str = "occlusion") -> Optional[tuple[torch.Tensor, float]]:
-    """(relevance map, log-likelihood) of a generated answer ``new`` (cut at its first end token) to the
-    prompt ``ids`` (1, T) about the image ``pixels`` (C, H, W); None for an empty answer."""
-    from vlkit.models.relevance import answer_relevance
-
-    eos = set(cfg.generation.eos_token_ids or (model.decoder.cfg.eos_token_id,))
-    cut = next((i for i, t in enumerate(new) if t in eos), len(new))
-    return answer_relevance(model, ids, pixels[None], new[:cut], method) if cut else None
-
-
-def _draw_relevance(model: VLM, cfg: VLMConfig, ids: torch.Tensor, pixels: torch.Tensor, new: list[int], stem: str,
-                    title: str, folder: Path, method: str) -> dict:
-    """The relevance map of the answer drawn over the image."""
-    from vlkit.viz.attention import save_attention_grid
-
-    explained = explain_answer(model, cfg, ids, pixels, new, method)
-    if explained is None:
-        return {"relevance_error": "empty answer: nothing to explain"}
-    cam, logp = explained
-    picture = save_attention_grid(pixels[None], [cam.flatten()[None]], tuple(cam.shape),
-                                  folder / f"{stem}_relevance.png", [f"relevance ({method})"],
-                                  titles=[title])
-    return {"picture": str(picture), "answer_logprob": logp}
-
-
-class ChatSession:
-    """A multi-turn conversation about one image: each question sees the whole history."""
-
-    def __init__(self, run: str | Path, image: str | Path, int8: bool = False, speculative: int = 0):
-        self.model, self.cfg, self.encoder = load_vlm(run, int8, speculative, prepack=True)
-        self.pixels = _image_tensor(image, self.cfg)[None]
-        self.messages: list[dict] = []
-
-    def ask(self, question: str) -> str:
-        content = question if self.messages else user_turn(question, self.cfg.data.image_position)
-        self.messages.append({"role": "user", "content": content})
-        ids = torch.tensor([self.encoder.prompt(self.messages)])
-        new = self.model.generate(ids, None, self.pixels, self.cfg.generation)[0].tolist()
-        answer = _decode(self.encoder.tok, new)
-        self.messages.append({"role": "assistant", "content": answer})
-        return answer
