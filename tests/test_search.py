@@ -8,7 +8,7 @@ import torch
 
 from vlkit.checkpoints.hub import save_model
 from vlkit.cli import main
-from vlkit.data.tokenizers import train_bpe
+from vlkit.data.tokenizers import TextTokenizer, train_bpe
 from vlkit.data.world import WorldConfig, WorldDataset
 from vlkit.search import Embedder, SearchIndex, build_faiss, build_index, exact_search, scan
 from vlkit.tasks.contrastive import ContrastiveConfig, build_clip
@@ -183,3 +183,80 @@ def test_hf_siglip_folder_searches_with_its_own_tokenizer(tmp_path, capsys):
     (folder / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Embedder.load(folder)
+
+
+SPM_VOCAB = 60
+
+
+def _trained_spiece(path):
+    """A small Unigram SentencePiece model trained by sentencepiece itself, T5 / SigLIP 1 layout (pad 0, end 1,
+    unknown 2, no start token, NFKC normalisation)."""
+    spm = pytest.importorskip("sentencepiece")
+    import io
+    import random
+
+    words = ("a photo of the cat dog two playing in snow red circle blue square green triangle next to above below "
+             "small large picture shows some many one three hund läuft über die wiese café naïve résumé").split()
+    rng = random.Random(0)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([" ".join(rng.choice(words) for _ in range(8)) for _ in range(400)]),
+        model_writer=model, vocab_size=SPM_VOCAB, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        normalization_rule_name="nmt_nfkc", character_coverage=1.0, minloglevel=2)
+    path.write_bytes(model.getvalue())
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+ODD_TEXTS = ["A photo of a cat.", "  Two  DOGS, playing in the snow!  ", "ein Hund läuft über die Wiese", "",
+             "Café naïve — résumé (½ ＦＵＬＬ width)", "new\nline\ttab", "</s> is not the end <unk>", "▁already",
+             "unseen ✓ symbols ζ", "a " * 30]
+
+
+def test_sentencepiece_model_gives_sentencepiece_ids(tmp_path):
+    """spiece.model read without sentencepiece: the same ids as SentencePieceProcessor.encode, control pieces
+    never produced from text, unknown characters as the unknown id."""
+    from vlkit.data.sentencepiece import read_model, sentencepiece_tokenizer
+
+    sp = _trained_spiece(tmp_path / "spiece.model")
+    tok = sentencepiece_tokenizer(tmp_path / "spiece.model")
+    for text in ODD_TEXTS:
+        assert tok.encode(text, add_special_tokens=False).ids == sp.encode(text), text
+    assert tok.decode(sp.encode("a photo of the cat")) == "a photo of the cat"
+    assert read_model(tmp_path / "spiece.model")["unk_id"] == 2 and tok.get_vocab_size() == SPM_VOCAB
+    (tmp_path / "bad.model").write_bytes(b"\x0a\xff\xff\xff")  # a field running past the end
+    with pytest.raises(ValueError, match="not a SentencePiece model"):
+        read_model(tmp_path / "bad.model")
+
+
+def test_hf_siglip1_folder_reads_spiece_model_as_siglip_tokenizer(tmp_path):
+    """A SigLIP 1 folder ships spiece.model, no tokenizer.json: SiglipTokenizer's ids (canonicalised text: lower
+    case, no punctuation; end token; padded with it) and, through vlkit search's embedder, transformers' text
+    features."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "siglip"
+    folder.mkdir()
+    _trained_spiece(tmp_path / "spiece.model")
+    hf_tok = transformers.SiglipTokenizer(vocab_file=str(tmp_path / "spiece.model"))
+    hf_tok.save_pretrained(folder)
+    (folder / "tokenizer.json").unlink(missing_ok=True)  # the hub's SigLIP 1 layout
+    assert (folder / "spiece.model").is_file()
+    ours = TextTokenizer.from_hf_folder(folder)
+    assert ours.canonical and ours.eos_id == 1
+    for text in ODD_TEXTS:
+        if "</s>" in text:  # SiglipTokenizer reads a written "</s>" as its end token; here it is text
+            continue
+        ref = hf_tok(text, padding="max_length", max_length=12, truncation=True)["input_ids"]
+        assert ours([text], 12)["input_ids"][0].tolist() == ref, text
+    text = dict(vocab_size=SPM_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                max_position_embeddings=12, projection_size=16)
+    vision = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2)
+    torch.manual_seed(0)
+    hf = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision)).eval()
+    hf.save_pretrained(folder, safe_serialization=True)
+    embedder = Embedder.load(folder)
+    queries = ["A photo of a RED circle!", "two dogs"]
+    ids = torch.tensor(hf_tok(queries, padding="max_length", max_length=12, truncation=True)["input_ids"])
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(hf.get_text_features(input_ids=ids).pooler_output, dim=-1)
+    assert (embedder.texts(queries) - ref).abs().max() <= 1e-4

@@ -76,7 +76,7 @@ class Embedder:
             if tok_dir is None:
                 raise FileNotFoundError(f"no tokenizer/ next to {folder} (a vlkit contrastive run saves one)")
             tokenizer, context = TextTokenizer.from_file(tok_dir), cfg["text"]["context_length"]
-        else:  # HF CLIPModel: OpenAI's BPE and preprocessing; SiglipModel: its tokenizer.json, mean = std = 0.5
+        else:  # HF CLIPModel: OpenAI's BPE and preprocessing; SiglipModel: its tokenizer.json or spiece.model, mean = std = 0.5
             siglip = (doc.get("meta", {}) if converted else doc).get("model_type") == "siglip"
             prep_file = folder / "preprocessor_config.json"
             prep = json.loads(prep_file.read_text()) if prep_file.is_file() else {}
@@ -84,9 +84,9 @@ class Embedder:
             tcfg = TransformConfig(image_size=model.visual.cfg.image_size, crop_pct=1.0, interpolation="bicubic",
                                    mean=tuple(prep.get("image_mean", mean)), std=tuple(prep.get("image_std", std)),
                                    eval_squash=siglip)  # SiglipImageProcessor resizes to a square, no crop
-            if siglip and not (folder / "tokenizer.json").is_file():
-                raise FileNotFoundError(f"{folder}: a SigLIP folder needs a tokenizer.json (SigLIP 2 folders ship "
-                                        "one; SigLIP 1's spiece.model is not read)")
+            if siglip and not any((folder / f).is_file() for f in ("tokenizer.json", "spiece.model")):
+                raise FileNotFoundError(f"{folder}: a SigLIP folder needs its tokenizer: tokenizer.json (SigLIP 2) "
+                                        "or spiece.model (SigLIP 1)")
             tokenizer = TextTokenizer.from_hf_folder(folder) if siglip else clip_tokenizer()
             context = model.text.cfg.context_length  # SigLIP reads its text padded to this length
         return cls(model, tokenizer, build_transform(tcfg, train=False), context, _fingerprint(folder))

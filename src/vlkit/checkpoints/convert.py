@@ -25,8 +25,9 @@ from vlkit.encoders.text import BertEncoder, CLIPTextConfig, CLIPTextTransformer
 from vlkit.encoders.vit import ViTConfig, VisionTransformer
 from vlkit.models.clip import CLIP
 
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
-              "chat_template.jinja", "generation_config.json")
+SIDE_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json",
+              "preprocessor_config.json", "chat_template.jinja", "chat_template.json", "processor_config.json",
+              "generation_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -18,6 +18,8 @@ import html
 import importlib.util
 import itertools
 import json
+import re
+import string
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -56,6 +58,15 @@ def clean_text(text: str) -> str:
     return html.unescape(html.unescape(text)).strip()
 
 
+def siglip_canonical(text: str) -> str:
+    """SigLIP's text canonicalisation (``SiglipTokenizer.canonicalize_text``): lower-cased, ASCII punctuation
+    removed, whitespace runs made one space, stripped. (``SiglipTokenizer`` first splits a text at special
+    tokens written in it, reading a written ``</s>`` as its end token; here that is text, without its
+    punctuation.)"""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return re.sub(r"\s+", " ", text).strip()
+
+
 def _clip_pipeline(tok: Tokenizer) -> Tokenizer:
     """The normaliser, pre-tokeniser and decoder of CLIP's tokenizer, set on ``tok``."""
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
@@ -73,16 +84,17 @@ class TextTokenizer:
     ``__call__(texts, context_length)`` -> ``{"input_ids": LongTensor (B, L), "attention_mask":
     LongTensor (B, L)}`` with L = ``context_length`` (or the longest text when None); each row is
     ``[bos] + ids + [eos]`` cut to L with ``eos`` kept last, then padded with ``pad_id``.
-    ``clean``: apply :func:`clean_text` first (CLIP does); ``byte_words``: the vocabulary is CLIP's
+    ``clean``: apply :func:`clean_text` first (CLIP does); ``canonical``: :func:`siglip_canonical` first
+    (SigLIP 1's ``SiglipTokenizer`` does); ``byte_words``: the vocabulary is CLIP's
     byte-level alphabet with ``</w>`` word ends (decoded here, ``tokenizers`` has no such decoder).
     """
 
     def __init__(self, tokenizer: Tokenizer, bos_id: Optional[int], eos_id: Optional[int], pad_id: int = 0,
-                 clean: bool = False, byte_words: bool = False):
+                 clean: bool = False, byte_words: bool = False, canonical: bool = False):
         tokenizer.no_padding()  # a tokenizer.json may pad / truncate on its own (MiniLM's pads to 128):
         tokenizer.no_truncation()  # __call__ does both, keeping the end token
         self.tokenizer, self.bos_id, self.eos_id, self.pad_id = tokenizer, bos_id, eos_id, pad_id
-        self.clean, self.byte_words = clean, byte_words
+        self.clean, self.byte_words, self.canonical = clean, byte_words, canonical
 
     @property
     def vocab_size(self) -> int:
@@ -90,7 +102,8 @@ class TextTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, no start / end tokens."""
-        return self.tokenizer.encode(clean_text(text) if self.clean else text, add_special_tokens=False).ids
+        text = siglip_canonical(text) if self.canonical else clean_text(text) if self.clean else text
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids`` (special tokens and padding dropped)."""
@@ -130,7 +143,7 @@ class TextTokenizer:
         folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(str(folder / "tokenizer.json"))
         meta = {"bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id, "clean": self.clean,
-                "byte_words": self.byte_words}
+                "canonical": self.canonical, "byte_words": self.byte_words}
         (folder / META).write_text(json.dumps(meta, indent=2))
         return folder
 
@@ -148,26 +161,43 @@ class TextTokenizer:
         meta_file = file.parent / META
         if meta_file.is_file() and bos is None and eos is None and pad is None:
             return cls(tok, **json.loads(meta_file.read_text()))
+        return cls._named(tok, bos, eos, pad, file)
+
+    @classmethod
+    def _named(cls, tok: Tokenizer, bos: Optional[str], eos: Optional[str], pad: Optional[str], source: Path,
+               **kwargs) -> "TextTokenizer":
+        from vlkit.data.sentencepiece import HIDDEN
 
         def token_id(name: Optional[str]) -> Optional[int]:
             if name is None:
                 return None
             i = tok.token_to_id(name)
+            i = tok.token_to_id(HIDDEN + name) if i is None else i  # a SentencePiece control piece
             if i is None:
-                raise ValueError(f"token {name!r} is not in the vocabulary of {file}")
+                raise ValueError(f"token {name!r} is not in the vocabulary of {source}")
             return i
 
-        return cls(tok, token_id(bos), token_id(eos), token_id(pad) or 0)
+        return cls(tok, token_id(bos), token_id(eos), token_id(pad) or 0, **kwargs)
 
     @classmethod
     def from_hf_folder(cls, folder: str | Path) -> "TextTokenizer":
-        """An HF model folder's ``tokenizer.json`` with the special tokens its ``tokenizer_config.json``
-        names: the end token added unless ``add_eos_token`` is false (SigLIP's SentencePiece convention),
-        the start token only with ``add_bos_token``, padding with ``pad_token`` (else the end token)."""
-        conf = hf_tokenizer_config(Path(folder))
+        """An HF model folder's ``tokenizer.json`` (else its SentencePiece ``spiece.model``, SigLIP 1's, with
+        ``SiglipTokenizer``'s canonicalisation when the config names that class) with the special tokens its
+        ``tokenizer_config.json`` names: the end token added unless ``add_eos_token`` is false (SigLIP's
+        SentencePiece convention), the start token only with ``add_bos_token``, padding with ``pad_token``
+        (else the end token)."""
+        folder = Path(folder)
+        conf = hf_tokenizer_config(folder)
         eos = conf.get("eos_token") if conf.get("add_eos_token", True) else None
         bos = conf.get("bos_token") if conf.get("add_bos_token", False) else None
-        return cls.from_file(folder, bos=bos, eos=eos, pad=conf.get("pad_token") or conf.get("eos_token"))
+        pad = conf.get("pad_token") or conf.get("eos_token")
+        if not (folder / "tokenizer.json").is_file() and (folder / "spiece.model").is_file():
+            from vlkit.data.sentencepiece import sentencepiece_tokenizer
+
+            spm = folder / "spiece.model"
+            return cls._named(sentencepiece_tokenizer(spm), bos, eos, pad, spm,
+                              canonical=conf.get("tokenizer_class") == "SiglipTokenizer")
+        return cls.from_file(folder, bos=bos, eos=eos, pad=pad)
 
 
 def hf_tokenizer_config(folder: Path) -> dict:
