@@ -143,3 +143,9 @@ def test_idefics2_prompts_fall_back_to_idefics2_template_and_read_string_turns(t
                          {"role": "user", "content": "and?"}])
     assert text == f"User:{f}{i}{i}{f} what?<end_of_utterance>\nAssistant: yes<end_of_utterance>\nUser: and?" \
                    "<end_of_utterance>\nAssistant:"
+    empty = prompts.text([{"role": "user", "content": "<image>what?"}, {"role": "assistant", "content": ""},
+                          {"role": "user", "content": "and?"}])  # an empty answer in the history: still a turn
+    assert "Assistant: <end_of_utterance>\nUser: and?" in empty
+    rgba = Image.new("RGBA", (40, 20), (255, 0, 0, 0))  # transparent: over the background, as load_image does
+    crops = Idefics2Images(shortest_edge=16, longest_edge=32)(rgba)
+    assert crops[0].shape == (3, 16, 32)

@@ -226,6 +226,10 @@ def test_sentencepiece_model_gives_sentencepiece_ids(tmp_path):
     (tmp_path / "bad.model").write_bytes(b"\x0a\xff\xff\xff")  # a field running past the end
     with pytest.raises(ValueError, match="not a SentencePiece model"):
         read_model(tmp_path / "bad.model")
+    whole = (tmp_path / "spiece.model").read_bytes()
+    (tmp_path / "cut.model").write_bytes(whole[:len(whole) // 2])  # a download cut short
+    with pytest.raises(ValueError, match="cut short"):
+        read_model(tmp_path / "cut.model")
 
 
 def test_hf_siglip1_folder_reads_spiece_model_as_siglip_tokenizer(tmp_path):
@@ -241,7 +245,12 @@ def test_hf_siglip1_folder_reads_spiece_model_as_siglip_tokenizer(tmp_path):
     (folder / "tokenizer.json").unlink(missing_ok=True)  # the hub's SigLIP 1 layout
     assert (folder / "spiece.model").is_file()
     ours = TextTokenizer.from_hf_folder(folder)
-    assert ours.canonical and ours.eos_id == 1
+    assert ours.canonical and ours.lower and ours.eos_id == 1
+    cased = transformers.SiglipTokenizer(vocab_file=str(tmp_path / "spiece.model"), do_lower_case=False)
+    cased.save_pretrained(tmp_path / "cased")
+    (tmp_path / "cased" / "tokenizer.json").unlink(missing_ok=True)
+    assert TextTokenizer.from_hf_folder(tmp_path / "cased")(["A Photo"], 12)["input_ids"][0].tolist() == \
+        cased("A Photo", padding="max_length", max_length=12, truncation=True)["input_ids"]
     for text in ODD_TEXTS:
         if "</s>" in text:  # SiglipTokenizer reads a written "</s>" as its end token; here it is text
             continue

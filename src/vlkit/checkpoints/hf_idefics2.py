@@ -11,7 +11,7 @@
 ``vlkit.load(folder)`` returns it; ``forward(input_ids, attention_mask, images)`` gives transformers'
 logits for images of any size (sides multiples of the patch size; the patch positions are Idefics2's
 fractional buckets, ``ViTConfig.pos_resize='bucket'``); images of one call share their size (transformers
-pads a batch of sizes and masks the padding: give vlkit one size per call). ``generate`` decodes
+pads a batch of sizes and masks the padding: vlkit encodes the images of a list a size at a time). ``generate`` decodes
 greedily or by sampling / beams. :func:`idefics2_prompt`
 frames each ``<image>`` of a prompt as the processor does. Mistral's sliding
 window is not applied: prompts and answers up to ``sliding_window`` tokens (4,096) are exact.
@@ -148,6 +148,10 @@ class Idefics2Images:
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
         """An RGB image -> its crops, each (3, H, W) float32, in the order their ``<image>`` runs take."""
+        if image.mode != "RGB":
+            from vlkit.data.images import to_rgb
+
+            image = to_rgb(image)
         w, h = image.size
         crops = [image]
         if self.split:
@@ -177,13 +181,15 @@ def _parts(content) -> list[dict]:
             parts.append({"type": "image"})
         if text:
             parts.append({"type": "text", "text": text})
-    return parts
+    return parts or [{"type": "text", "text": ""}]  # an empty answer is still a turn the template can read
 
 
 class Idefics2Prompts:
     """Chat turns -> prompt ids as ``Idefics2Processor`` makes them: the folder's chat template over typed
     parts, each ``<image>`` framed (:func:`idefics2_prompt`, ``image_seq_len`` tokens per crop), then the
-    folder's ``tokenizer.json`` with its own special tokens (Mistral's start token)."""
+    folder's ``tokenizer.json`` with its own special tokens (Mistral's start token), as it is written (as
+    transformers 4, which Idefics2 was released with, reads it; transformers 5's ``LlamaTokenizer`` rebuilds its
+    own pre-tokenizer and can put a "▁" after ``<fake_token_around_image>``)."""
 
     def __init__(self, folder: str | Path, image_seq_len: int, crops: int = 1):
         folder = Path(folder)

@@ -6,7 +6,8 @@ and types, the unknown id and byte fallback of the trainer spec, and the normali
 character map, extra whitespace removal, whitespace escaping, the dummy "▁" prefix). The pipeline is
 SentencePiece's own order: normalise, remove extra spaces, escape them as "▁", prefix one "▁", then the
 Viterbi segmentation over the pieces' log-probabilities. Control pieces (``</s>``, ``<pad>``) and the
-unknown piece are never produced from text, as in SentencePiece (their text is hidden behind a NUL). Equal ids to ``SentencePieceProcessor``
+unknown piece are never produced from text, as in SentencePiece (their text is hidden behind a NUL: a
+text that itself holds a NUL before "</s>" is the one way to reach them). Equal ids to ``SentencePieceProcessor``
 are tested on a model trained by ``sentencepiece`` itself.
 """
 from __future__ import annotations
@@ -52,6 +53,8 @@ def proto_fields(buf: bytes) -> Iterator[tuple[int, object]]:
             value, i = struct.unpack("<f", buf[i:i + 4])[0], i + 4
         else:
             raise ValueError(f"protobuf wire type {wire} (field {field}) is not a SentencePiece model's")
+        if i > len(buf):
+            raise ValueError(f"field {field} runs past the end of the message (a file cut short?)")
         yield field, value
 
 

@@ -58,12 +58,13 @@ def clean_text(text: str) -> str:
     return html.unescape(html.unescape(text)).strip()
 
 
-def siglip_canonical(text: str) -> str:
-    """SigLIP's text canonicalisation (``SiglipTokenizer.canonicalize_text``): lower-cased, ASCII punctuation
+def siglip_canonical(text: str, lower: bool = True) -> str:
+    """SigLIP's text canonicalisation (``SiglipTokenizer.canonicalize_text``): lower-cased (``lower``: its
+    ``do_lower_case``), ASCII punctuation
     removed, whitespace runs made one space, stripped. (``SiglipTokenizer`` first splits a text at special
-    tokens written in it, reading a written ``</s>`` as its end token; here that is text, without its
+    tokens written in it, reading a written ``</s>`` or ``<unk>`` as that token; here that is text, without its
     punctuation.)"""
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    text = (text.lower() if lower else text).translate(str.maketrans("", "", string.punctuation))
     return re.sub(r"\s+", " ", text).strip()
 
 
@@ -90,11 +91,11 @@ class TextTokenizer:
     """
 
     def __init__(self, tokenizer: Tokenizer, bos_id: Optional[int], eos_id: Optional[int], pad_id: int = 0,
-                 clean: bool = False, byte_words: bool = False, canonical: bool = False):
+                 clean: bool = False, byte_words: bool = False, canonical: bool = False, lower: bool = True):
         tokenizer.no_padding()  # a tokenizer.json may pad / truncate on its own (MiniLM's pads to 128):
         tokenizer.no_truncation()  # __call__ does both, keeping the end token
         self.tokenizer, self.bos_id, self.eos_id, self.pad_id = tokenizer, bos_id, eos_id, pad_id
-        self.clean, self.byte_words, self.canonical = clean, byte_words, canonical
+        self.clean, self.byte_words, self.canonical, self.lower = clean, byte_words, canonical, lower
 
     @property
     def vocab_size(self) -> int:
@@ -102,7 +103,7 @@ class TextTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, no start / end tokens."""
-        text = siglip_canonical(text) if self.canonical else clean_text(text) if self.clean else text
+        text = siglip_canonical(text, self.lower) if self.canonical else clean_text(text) if self.clean else text
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -143,7 +144,7 @@ class TextTokenizer:
         folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(str(folder / "tokenizer.json"))
         meta = {"bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id, "clean": self.clean,
-                "canonical": self.canonical, "byte_words": self.byte_words}
+                "canonical": self.canonical, "lower": self.lower, "byte_words": self.byte_words}
         (folder / META).write_text(json.dumps(meta, indent=2))
         return folder
 
@@ -196,7 +197,8 @@ class TextTokenizer:
 
             spm = folder / "spiece.model"
             return cls._named(sentencepiece_tokenizer(spm), bos, eos, pad, spm,
-                              canonical=conf.get("tokenizer_class") == "SiglipTokenizer")
+                              canonical=conf.get("tokenizer_class") == "SiglipTokenizer",
+                              lower=conf.get("do_lower_case", True))
         return cls.from_file(folder, bos=bos, eos=eos, pad=pad)
 
 

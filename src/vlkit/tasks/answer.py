@@ -48,8 +48,9 @@ def _hf_idefics2(folder: Path, int8: bool, speculative: int, prepack: bool) -> A
     images = Idefics2Images.from_folder(folder)
     encoder = Idefics2Prompts(folder, model.num_visual_tokens, images.crops)
     raw = json.loads((folder / "config.json").read_text())
-    eos = tuple(i for i in (encoder.end_of_utterance, *hf_eos_ids(folder), raw.get("text_config", {}).get("eos_token_id"))
-                if i is not None)
+    text_eos = raw.get("text_config", {}).get("eos_token_id")
+    text_eos = text_eos if isinstance(text_eos, list) else [text_eos]
+    eos = tuple(int(i) for i in (encoder.end_of_utterance, *hf_eos_ids(folder), *text_eos) if i is not None)
     return Assistant(model, encoder, images, GenerationConfig(eos_token_ids=tuple(dict.fromkeys(eos)),
                                                               speculative=speculative))
 
