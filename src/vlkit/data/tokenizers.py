@@ -60,10 +60,9 @@ def clean_text(text: str) -> str:
 
 def siglip_canonical(text: str, lower: bool = True) -> str:
     """SigLIP's text canonicalisation (``SiglipTokenizer.canonicalize_text``): lower-cased (``lower``: its
-    ``do_lower_case``), ASCII punctuation
-    removed, whitespace runs made one space, stripped. (``SiglipTokenizer`` first splits a text at special
-    tokens written in it, reading a written ``</s>`` or ``<unk>`` as that token; here that is text, without its
-    punctuation.)"""
+    ``do_lower_case``), ASCII punctuation removed, whitespace runs made one space, stripped. (``SiglipTokenizer``
+    first splits a text at special tokens written in it, reading a written ``</s>`` or ``<unk>`` as that token;
+    here that is text, without its punctuation.)"""
     text = (text.lower() if lower else text).translate(str.maketrans("", "", string.punctuation))
     return re.sub(r"\s+", " ", text).strip()
 

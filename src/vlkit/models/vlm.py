@@ -194,29 +194,24 @@ class VLM(nn.Module):
         connector also reads, for each image, the text of its sample (``input_ids``). ``images`` may also be
         a list of M (C, H, W) images of several sizes (Idefics2's crops and whole image): they are encoded a
         size at a time, and must give as many visual tokens each (a resampler's K)."""
-        if not torch.is_tensor(images):
-            return self._encode_by_size(list(images), input_ids, attention_mask, labels)
-        feats = self.features(images)
-        if not getattr(self.connector, "reads_text", False):
-            return self.connector(feats)
-        if input_ids is None:
-            raise ValueError("this connector reads the prompt's text: pass input_ids with the images")
-        return self.connector(feats, *self.instruction(input_ids, attention_mask, labels, images.shape[0]))
-
-    def _encode_by_size(self, images: list[torch.Tensor], input_ids: Optional[torch.Tensor],
-                        attention_mask: Optional[torch.Tensor], labels: Optional[torch.Tensor]) -> torch.Tensor:
         text = None
         if getattr(self.connector, "reads_text", False):
             if input_ids is None:
                 raise ValueError("this connector reads the prompt's text: pass input_ids with the images")
             text = self.instruction(input_ids, attention_mask, labels, len(images))
+        if torch.is_tensor(images):
+            return self.connector(self.features(images), *(text or ()))
+        return self._encode_by_size(list(images), text)
+
+    def _encode_by_size(self, images: list[torch.Tensor], text: Optional[tuple[torch.Tensor, torch.Tensor]]
+                        ) -> torch.Tensor:
         groups: dict[tuple, list[int]] = {}
         for i, image in enumerate(images):
             groups.setdefault(tuple(image.shape), []).append(i)
         out: list[Optional[torch.Tensor]] = [None] * len(images)
         for idx in groups.values():
             feats = self.features(torch.stack([images[i] for i in idx]))
-            tokens = self.connector(feats) if text is None else self.connector(feats, *(t[idx] for t in text))
+            tokens = self.connector(feats, *(t[idx] for t in text or ()))
             for i, t in zip(idx, tokens):
                 out[i] = t
         if len({t.shape for t in out}) > 1:

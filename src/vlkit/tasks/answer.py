@@ -59,11 +59,11 @@ def load_assistant(path: str | Path, int8: bool = False, speculative: int = 0, p
     """A vlkit VLM run (or model folder) or an HF Idefics2 folder, ready to answer (``int8``, ``speculative``
     and ``prepack`` as :func:`vlkit.tasks.vlm.load_vlm` takes them)."""
     from vlkit.checkpoints.hub import model_folder, read_model_config
-    from vlkit.tasks.vlm import load_vlm
+    from vlkit.tasks.vlm import check_speculative, load_vlm
 
     if read_model_config(path).get("model_type") == "idefics2":
-        if speculative and int8:
-            raise ConfigError("speculative", "drafts with a quantized copy of the float language model: not with --int8")
+        if speculative:
+            check_speculative(int8)
         return _hf_idefics2(model_folder(path), int8, speculative, prepack)
     model, cfg, encoder = load_vlm(path, int8, speculative, prepack)
     transform = build_transform(cfg.transform, train=False)

@@ -614,6 +614,12 @@ def load_weights(model: VLM, path: str | Path) -> int:
     return len(state)
 
 
+def check_speculative(int8: bool) -> None:
+    """Speculative decoding drafts with a quantized copy of the float language model: not with int8 weights."""
+    if int8:
+        raise ConfigError("speculative", "drafts with a quantized copy of the float language model: not with --int8")
+
+
 def load_vlm(path: str | Path, int8: bool = False, speculative: int = 0, prepack: bool = False
              ) -> tuple[VLM, VLMConfig, ConversationEncoder]:
     """A trained VLM run (or its model folder): the model in eval mode, its config and prompt encoder
@@ -630,8 +636,7 @@ def load_vlm(path: str | Path, int8: bool = False, speculative: int = 0, prepack
     if doc.get("architecture") != "vlm":
         raise ValueError(f"{folder} is not a vlkit VLM (architecture {doc.get('architecture')!r})")
     if speculative:
-        if int8:
-            raise ConfigError("speculative", "drafts with a quantized copy of the float language model: not with --int8")
+        check_speculative(int8)
         doc["config"].setdefault("generation", {})["speculative"] = speculative
     cfg = from_dict(VLMConfig, doc["config"])
     model = build_vlm(cfg)
