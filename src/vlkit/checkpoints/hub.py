@@ -20,6 +20,7 @@ from typing import Any, Callable
 from torch import nn
 
 from vlkit.checkpoints.io import CheckpointError, load_state_dict_strict, read_safetensors, save_pretrained
+from vlkit.checkpoints.timm_vit import is_timm_config, load_timm_vit
 from vlkit.config import from_dict, replace, to_dict
 
 log = logging.getLogger(__name__)
@@ -133,8 +134,10 @@ def load(path: str | Path) -> nn.Module:
         load_state_dict_strict(model, read_safetensors(folder / "model.safetensors"), source=str(folder))
         log.info("loaded vlkit %s from %s", name, folder)
         return model.eval()
+    if is_timm_config(doc):
+        return load_timm_vit(folder)
     model_type = doc.get("model_type")
     if model_type in FOREIGN:
         return FOREIGN[model_type](folder).eval()
     raise CheckpointError(f"{folder}: config.json is neither vlkit's nor a supported HF model_type "
-                          f"({model_type!r}; supported: {', '.join(FOREIGN)})")
+                          f"({model_type!r}; supported: {', '.join(FOREIGN)}) nor timm's (an 'architecture' name)")

@@ -73,6 +73,8 @@ class ViTConfig:
     global_pool: Literal["token", "avg", "map"] = "token"  # head input: the class token, the mean of patch
     # tokens, or attention pooling by a learned probe (SigLIP's MAP head)
     embed: Literal["patch", "hybrid"] = "patch"  # patch: conv patchify; hybrid: a convnet backbone given to the model
+    fc_norm: bool = False  # the final LayerNorm after pooling instead of on the tokens (timm's avg-pooled ViTs,
+    # e.g. MAE fine-tuning): forward_features then returns the blocks' tokens unnormalised
 
     def __post_init__(self):
         self._check_literals()
@@ -229,7 +231,8 @@ class VisionTransformer(nn.Module):
         dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()  # stochastic depth rule
         self.blocks = nn.ModuleList([block(drop_path=dpr[i]) for i in range(cfg.depth)])
         self.class_attn = nn.ModuleList([block(attn_layer=ClassAttention) for _ in range(cfg.class_attn_depth)])
-        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.norm = nn.Identity() if cfg.fc_norm else nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.fc_norm else nn.Identity()
         self.attn_pool = AttentionPool(D, cfg.num_heads, cfg.mlp_ratio, ACT_LAYERS[cfg.act], cfg.norm_eps) \
             if cfg.global_pool == "map" else None
         self.head = Linear(D, cfg.num_classes) if cfg.num_classes else nn.Identity()
@@ -314,7 +317,8 @@ class VisionTransformer(nn.Module):
         return torch.cat([cls, x], dim=1)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W) -> final normalised tokens (B, P + N, D), class token first."""
+        """images (B, C, H, W) -> final normalised tokens (B, P + N, D), class token first (``cfg.fc_norm``:
+        not normalised; the norm follows the pooling)."""
         x, _ = self._embed(images)
         for blk in self.blocks:
             x = self._run_block(blk, x)
@@ -330,6 +334,7 @@ class VisionTransformer(nn.Module):
             x = self.attn_pool(tokens)  # (B, D)
         else:
             x = tokens[:, 0]  # (B, D)
+        x = self.fc_norm(x)
         if pre_logits:
             return x
         logits = self.head(x)

@@ -1,4 +1,5 @@
-"""Classify image files with a trained run (classifier or DyTox), a vlkit model folder or a HF ViT/DeiT folder."""
+"""Classify image files with a trained run (classifier or DyTox), a vlkit model folder, a HF ViT/DeiT folder
+or a timm ViT folder."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import torch
 
 import vlkit
 from vlkit.checkpoints.hub import model_folder, read_model_config
+from vlkit.checkpoints.timm_vit import is_timm_config, timm_preprocessing
 from vlkit.config import from_dict
 from vlkit.data.images import BadImageError, load_image
 from vlkit.data.transforms import TransformConfig, build_transform
@@ -17,13 +19,17 @@ from vlkit.data.transforms import TransformConfig, build_transform
 def preprocessing(path: str | Path) -> tuple[list[str], TransformConfig]:
     """(class names, eval transform config) the model at ``path`` was trained with.
 
-    vlkit folders store them in ``meta``; HF folders in ``id2label`` and ``preprocessor_config.json``."""
+    vlkit folders store them in ``meta``; HF folders in ``id2label`` and ``preprocessor_config.json``; timm
+    folders in ``label_names`` and ``pretrained_cfg``."""
     doc = read_model_config(path)
     if doc.get("format") == "vlkit":
         meta = doc.get("meta", {})
         num_classes = doc["config"].get("num_classes", 0)
         classes = meta.get("classes") or [str(i) for i in range(num_classes)]
         return classes, from_dict(TransformConfig, meta.get("transform", {}))
+    if is_timm_config(doc):
+        classes, fields = timm_preprocessing(doc)
+        return classes, from_dict(TransformConfig, fields)
     id2label = doc.get("id2label") or {}
     classes = [id2label.get(str(i), str(i)) for i in range(len(id2label))]
     prep_file = model_folder(path) / "preprocessor_config.json"

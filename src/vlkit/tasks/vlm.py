@@ -54,7 +54,8 @@ class VisionSource:
     kind: Literal["vit", "run", "efficientnet_lite0"] = "vit"  # scratch ViT | a vlkit run's ViT | ImageNet convnet
     vit: ViTConfig = field(default_factory=lambda: ViTConfig(image_size=32, patch_size=4, num_classes=0,
                                                              embed_dim=128, depth=4, num_heads=4))
-    path: str = ""  # kind=run: a vlkit classification / CLIP run or model folder
+    path: str = ""  # kind=run: a vlkit classification / CLIP run or model folder, an HF ViT / SigLIP folder, or a
+    # timm ViT folder
     convnet_size: int = 0  # kind=efficientnet_lite0: side it sees (images resized; 0 = as given)
 
 
