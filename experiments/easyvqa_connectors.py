@@ -23,7 +23,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_ROWS = ["linear", "mlp", "avgpool4", "clipcap", "clipcap_stages", "resampler8", "resampler64", "qformer", "cabstractor", "flamingo",
-            "epalm", "idefics2"]
+            "epalm", "idefics2", "adapter"]
 
 
 def recipe(row: str) -> str:

@@ -1,5 +1,6 @@
-"""VLM = vision encoder + connector + language model, three injection styles: splicing at placeholders,
-Flamingo gated cross-attention (= the bare LM at init, per-image media masking), eP-ALM injection;
+"""VLM = vision encoder + connector + language model, four injection styles: splicing at placeholders,
+Flamingo gated cross-attention (= the bare LM at init, per-image media masking), eP-ALM injection,
+LLaMA-Adapter's zero-init attention to adaption prompts (= the bare LM at init; the paper's formula);
 KV-cached generation equals step-by-step full forwards in every style."""
 import pytest
 import torch
@@ -88,14 +89,64 @@ def test_ep_alm_injects_class_tokens_of_the_last_layers():
     assert not torch.allclose(other[0, slot:], base[0, slot:], atol=1e-4)
 
 
+def test_llama_adapter_equals_the_language_model_at_init_and_reads_the_image():
+    model = make_vlm("adapter", features="pooled", connector="mlp", adapter_layers=2, adapter_prompts=3)
+    assert sorted(model.adapter) == ["2", "3"] and model.placeholders_per_image() == 1
+    ids, mask, images = prompt(model, (1, 1))
+    out = model(ids, mask, images)["logits"]
+    embeds, _ = model._embed(ids, model.encode_images(images))
+    assert torch.equal(out, model.decoder(inputs_embeds=embeds, attention_mask=mask))  # tanh(0) gates
+    for adapter in model.adapter.values():
+        torch.nn.init.constant_(adapter.gate, 1.0)
+    base = model(ids, mask, images)["logits"]
+    changed = images.clone()
+    changed[0] = torch.randn(3, 16, 16)
+    after = model(ids, mask, changed)["logits"]
+    start = int((mask[0] == 0).sum())
+    assert not torch.allclose(after[0, start:], base[0, start:], atol=1e-4)  # every token reads the prompts
+    assert torch.allclose(after[1], base[1], atol=1e-6)  # the other sample is untouched
+    with pytest.raises(ValueError, match="one image per sample"):
+        model(*prompt(model, (2, 1)))
+
+
+def test_adaption_prompts_are_the_papers_gated_attention_over_prompts_and_words():
+    """attention + AdaptionPrompt == one attention over [prompts; words] with the scores
+    [tanh(g) softmax(S_prompts); softmax(S_words)] (LLaMA-Adapter eq. 8-9), prompts without rotary position."""
+    from vlkit.models.vlm import AdaptionPrompt
+    from vlkit.nn.rope import apply_rope
+
+    dec = make_vlm("adapter").decoder
+    attn, B, T, K, H, D = dec.blocks[1].attn, 2, 5, 3, 4, 8
+    adapter = AdaptionPrompt(32, K, H, init_std=1.0)  # prompts far apart: their scores differ by query
+    torch.nn.init.normal_(adapter.gate)
+    h, visual = torch.randn(B, T, 32), torch.randn(B, 1, 32)
+    positions = torch.arange(T)[None].expand(B, -1)
+    rope = dec.rope(positions)
+    got = attn(h, rope, None, True) + adapter(attn, h, rope, visual)
+    q, k, v = attn.qkv(h).split([H * D, 2 * D, 2 * D], dim=-1)
+    q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    _, kp, vp = attn.qkv(adapter.prompts + visual).split([H * D, 2 * D, 2 * D], dim=-1)
+    kp, vp = (t.view(B, K, -1, D).transpose(1, 2) for t in (kp, vp))
+    k, v, kp, vp = (t.repeat_interleave(2, dim=1) for t in (k, v, kp, vp))  # 2 query heads per key head
+    words = (q @ k.transpose(-1, -2) / D ** 0.5).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    scores = torch.cat([torch.tanh(adapter.gate)[:, None, None] * (q @ kp.transpose(-1, -2) / D ** 0.5).softmax(-1),
+                        words.softmax(-1)], dim=-1)  # (B, H, T, K + T)
+    want = attn.proj((scores @ torch.cat([vp, v], dim=2)).transpose(1, 2).reshape(B, T, H * D))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("style,features,connector", [("tokens", "last", "qformer"),
                                                       ("tokens", "last_n", "mlp"),
                                                       ("cross_attention", "last", "resampler"),
-                                                      ("inject", "cls_last_n", "linear")])
+                                                      ("inject", "cls_last_n", "linear"),
+                                                      ("adapter", "pooled", "mlp")])
 def test_cached_generation_equals_full_forwards(style, features, connector):
-    model = make_vlm(style, features, connector, num_layers=2 if features != "last" else 1)
+    model = make_vlm(style, features, connector, num_layers=2 if features not in ("last", "pooled") else 1)
     for block in model.xattn.values():
         torch.nn.init.constant_(block.attn_gate, 0.5)
+    for adapter in model.adapter.values():
+        torch.nn.init.constant_(adapter.gate, 0.5)
     ids, mask, images = prompt(model, (1, 1))
     new = model.generate(ids, mask, images, GenerationConfig(max_new_tokens=5))
     seq, m = ids, mask
@@ -154,6 +205,25 @@ def test_gradients_reach_exactly_the_trainable_parameters(vision, connector, dec
         assert vis and all(n.endswith("bias") or "norm" in n for n in vis)
     if prompt:
         assert trainable == {"prompt"}
+
+
+@pytest.mark.parametrize("decoder", ["frozen", "lora"])
+def test_llama_adapter_trains_its_prompts_gates_and_projection_only(decoder):
+    model = make_vlm("adapter", features="pooled", connector="mlp", adapter_layers=2, adapter_prompts=3)
+    counts = model.apply_tuning(TuningConfig(vision="frozen", connector="full", decoder=decoder))
+    for adapter in model.adapter.values():  # open the gates: at 0 only they receive gradient
+        torch.nn.init.constant_(adapter.gate, 0.5)
+    for m in model.modules():
+        if hasattr(m, "lora_b"):
+            torch.nn.init.normal_(m.lora_b, std=0.1)
+    ids, mask, images = prompt_inputs(model)
+    model.train()
+    model(ids, mask, images, labels=ids.masked_fill(ids == IMG, -100))["loss"].backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert got == trainable and counts["adapter"] == 2 * (3 * 32 + 4)
+    assert {n for n in trainable if not n.startswith(("connector.", "decoder."))} == \
+        {"media_embed", *(f"adapter.{i}.{p}" for i in (2, 3) for p in ("prompts", "gate"))}
 
 
 def prompt_inputs(model):
@@ -400,13 +470,18 @@ def test_occlusion_flags_exactly_the_cell_that_changes_the_image():
 
 @pytest.mark.parametrize("style, features, layer", [("tokens", "last", "features"), ("tokens", "last", "block"),
                                                     ("cross_attention", "last", "auto"),
-                                                    ("inject", "cls_last_n", "auto")])
+                                                    ("inject", "cls_last_n", "auto"),
+                                                    ("adapter", "last", "auto")])
 def test_grad_cam_gradient_equals_finite_differences(style, features, layer):
     """d logp / dA from the captured activation equals the central difference of the answer's log-likelihood
     along a random direction added to that activation (float64), through each injection style."""
     from vlkit.models.relevance import _target_module, answer_gradient, answer_logprobs, answer_relevance
 
-    model = make_vlm(style, features, connector="mlp", num_layers=2 if features == "cls_last_n" else 1).double()
+    extra = {"adapter_prompts": 16} if style == "adapter" else {}  # the 16 visual tokens, one per prompt
+    layers = 2 if features == "cls_last_n" else 1
+    model = make_vlm(style, features, connector="mlp", num_layers=layers, **extra).double()
+    for adapter in model.adapter.values():
+        torch.nn.init.constant_(adapter.gate, 0.5)
     ids, image, answer = one_prompt(model), torch.rand(1, 3, 16, 16, dtype=torch.float64), [9, 10, 3]
     acts, grad, logp = answer_gradient(model, ids, image, answer, layer)
     direction = torch.randn(acts.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)

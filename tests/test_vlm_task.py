@@ -129,6 +129,8 @@ def test_every_vlm_recipe_builds_and_trains_on_tiny_sizes(tmp_path, recipe):
         over += ["injection.cross_attention_every=1", "injection.cross_attention_heads=4"]
     if cfg.injection.style == "inject":
         over += [f"injection.num_layers={min(2, cfg.injection.num_layers)}"]
+    if cfg.injection.style == "adapter":
+        over += ["injection.adapter_layers=1"]
     assert main(["train", recipe, *over, "--run-dir", str(tmp_path / recipe)]) == 0
     assert (tmp_path / recipe / "eval.json").is_file()
 

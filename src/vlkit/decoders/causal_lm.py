@@ -13,7 +13,7 @@ left-padded batches; positions then count real tokens only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,9 @@ from vlkit.nn.layers import Linear, RMSNorm
 from vlkit.nn.rope import RotaryEmbedding, apply_rope
 
 
-LayerHook = Callable[[int, torch.Tensor, int], torch.Tensor]  # (block index, x (B, T, C), past) -> x
+# (block index, x (B, T, C), past) -> x, or (x, extra): extra(attention module, its normed input h, rope) -> (B, T, C)
+# is added to block i's self-attention output (LLaMA-Adapter's adaption prompts)
+LayerHook = Callable[[int, torch.Tensor, int], Union[torch.Tensor, tuple]]
 
 
 @dataclass
@@ -132,8 +134,10 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.norm1, self.attn, self.norm2, self.mlp = _norm(cfg), DecoderAttention(cfg), _norm(cfg), DecoderMLP(cfg)
 
-    def forward(self, x, rope, mask, is_causal, cache=None, layer=0, slot=None):
-        x = x + self.attn(self.norm1(x), rope, mask, is_causal, cache, layer, slot)
+    def forward(self, x, rope, mask, is_causal, cache=None, layer=0, slot=None, extra=None):
+        h = self.norm1(x)
+        a = self.attn(h, rope, mask, is_causal, cache, layer, slot)
+        x = x + (a if extra is None else a + extra(self.attn, h, rope))
         return x + self.mlp(self.norm2(x))
 
 
@@ -198,8 +202,9 @@ class CausalLM(nn.Module):
                        inputs_embeds: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
                        layer_hook: Optional[LayerHook] = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, C). ``layer_hook(i, x, past)`` runs before block i and
-        returns the new x (VLM injection: gated cross-attention, eP-ALM tokens); ``past`` is the
-        number of cached positions before these T tokens."""
+        returns the new x (VLM injection: gated cross-attention, eP-ALM tokens), or (x, extra) with a term
+        for block i's attention output (:data:`LayerHook`); ``past`` is the number of cached positions
+        before these T tokens."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
@@ -211,9 +216,12 @@ class CausalLM(nn.Module):
             x = x + self.pos_embed(positions)
         rope = self.rope(positions) if self.rope is not None else None
         for i, blk in enumerate(self.blocks):
+            extra = None
             if layer_hook is not None:
                 x = layer_hook(i, x, past)
-            x = blk(x, rope, mask, is_causal, cache, i)
+                if isinstance(x, tuple):
+                    x, extra = x
+            x = blk(x, rope, mask, is_causal, cache, i, extra=extra)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)

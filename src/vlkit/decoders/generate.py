@@ -40,7 +40,7 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] = ()  # generate_text: stop (and cut) at the first of these
     pad_token_id: int = 0  # written after a sequence has ended
     seed: int = 0  # sampling generator seed
-    static: bool = False  # fixed-shape decoding steps (no layer hooks: not for Flamingo / eP-ALM VLMs)
+    static: bool = False  # fixed-shape decoding steps (no layer hooks: not for Flamingo / eP-ALM / LLaMA-Adapter VLMs)
     compile: bool = False  # torch.compile the fixed-shape step (implies static; CUDA graphs on a GPU)
     speculative: int = 0  # > 0: the same greedy tokens, drafted this many a round by the model's quantized copy (CPU)
     draft_bits: int = 4  # the speculative draft's weights: 4 (int4, groups of 32) or 8 (int8)
@@ -90,7 +90,7 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: Optional[
         return beam_search(model, input_ids, attention_mask, cfg, inputs_embeds, layer_hook)
     if cfg.speculative:
         if layer_hook is not None:
-            raise ValueError("speculative decoding takes no layer hook (Flamingo / eP-ALM VLMs): speculative=0")
+            raise ValueError("speculative decoding takes no layer hook (Flamingo / eP-ALM / LLaMA-Adapter VLMs): speculative=0")
         return speculative_generate(model, quantized_draft(model, cfg.draft_bits), input_ids, attention_mask, cfg,
                                     cfg.speculative, stop_fn, inputs_embeds)
     B, T = input_ids.shape
@@ -249,7 +249,7 @@ def _static_step(model: CausalLM, cfg: GenerationConfig, layer_hook, cache) -> O
     if not (cfg.static or cfg.compile):
         return None
     if layer_hook is not None:
-        raise ValueError("fixed-shape decoding takes no layer hook (Flamingo / eP-ALM VLMs): static=false")
+        raise ValueError("fixed-shape decoding takes no layer hook (Flamingo / eP-ALM / LLaMA-Adapter VLMs): static=false")
     fn = model.decode_step
     if cfg.compile:
         if model not in _COMPILED:

@@ -1,7 +1,8 @@
 """Where in the image a VLM's answer comes from: occlusion (Zeiler & Fergus 2014, §4.2) and Grad-CAM
 (Selvaraju et al. 2017, eqs. 1-2). Both score the answer's log-likelihood under the model (teacher
 forcing: the prompt with its image, then the answer tokens), so they work for every connector and
-injection style vlkit builds (spliced tokens, Flamingo cross-attention, eP-ALM injection).
+injection style vlkit builds (spliced tokens, Flamingo cross-attention, eP-ALM injection, LLaMA-Adapter
+prompts).
 
 - ``occlusion`` (the default of ``vlkit predict --attention``): each cell of a ``grid x grid`` partition
   of the image is replaced by the image's mean colour in turn; a cell's relevance is how much the answer's

@@ -1,5 +1,5 @@
-"""Vision-language models as ``VLM(vision encoder, connector, language model)``, with the three
-ways of injecting the visual tokens that the DePALM survey (Shukor et al. 2024) distinguishes:
+"""Vision-language models as ``VLM(vision encoder, connector, language model)``, with the ways of
+injecting the visual tokens that the DePALM survey (Shukor et al. 2024) distinguishes:
 
 - ``tokens``: visual tokens spliced into the text where ``<image>`` placeholders stand, several
   images per sample, anywhere in the text (LLaVA, Liu et al. 2023; BLIP-2, Li et al. 2023;
@@ -13,6 +13,12 @@ ways of injecting the visual tokens that the DePALM survey (Shukor et al. 2024) 
 - ``inject``: eP-ALM (Shukor et al. 2023, §3): the class tokens of the encoder's last n layers,
   projected, replace the hidden state of a single placeholder token at the input of n decoder
   layers (``inject_layers``, default the last n).
+- ``adapter``: LLaMA-Adapter (Zhang et al. 2024, §3.1-3.3): K learned adaption prompts in each of the
+  last L decoder layers, the image's projected feature added to every prompt (one token, broadcast, or
+  K tokens, one each); every text token's query attends to the prompts in a softmax of their own, scaled
+  by a per-head ``tanh`` gate that starts at 0 (zero-init attention), added to the layer's
+  self-attention output: the model is exactly the language model at initialisation. One image per
+  sample, marked in the text by ONE placeholder (a learned ``media_embed``, as Flamingo's).
 
 Feature extraction (``features``): patch tokens of the last layer (``last``), of the n last layers
 concatenated along channels (``last_n``), their class tokens (``cls_last_n``, what eP-ALM injects),
@@ -31,10 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlkit.config import ConfigError
 from vlkit.decoders.causal_lm import CausalLM
+from vlkit.nn.rope import apply_rope
 from vlkit.decoders.generate import GenerationConfig, generate
 from vlkit.nn.attention import Attention
 from vlkit.nn.kv_cache import SharedPrefix
+from vlkit.nn.layers import Linear, linear
 from vlkit.nn.mlp import Mlp
 
 IGNORE_INDEX = -100
@@ -44,13 +53,21 @@ IGNORE_INDEX = -100
 class InjectionConfig:
     """How visual tokens reach the language model."""
 
-    style: Literal["tokens", "cross_attention", "inject"] = "tokens"
+    style: Literal["tokens", "cross_attention", "inject", "adapter"] = "tokens"
     features: Literal["last", "last_n", "cls_last_n", "pooled"] = "last"
     num_layers: int = 1  # n for last_n / cls_last_n
     keep_prefix_tokens: bool = False  # features=last: keep the class (and distillation) tokens too
     cross_attention_every: int = 1  # cross_attention: a gated block before every n-th decoder layer
     cross_attention_heads: int = 8
     inject_layers: tuple[int, ...] = ()  # inject: decoder layers receiving the n tokens (default: the last n)
+    adapter_layers: int = 0  # adapter: adaption prompts in the last L decoder layers (0: every layer)
+    adapter_prompts: int = 10  # adapter: K prompts per layer (LLaMA-Adapter: 10 in the last 30 of 32 layers)
+
+    def __post_init__(self):
+        if self.adapter_layers < 0:
+            raise ConfigError("adapter_layers", f"must be >= 0 (0: every layer), got {self.adapter_layers}")
+        if self.adapter_prompts < 1:
+            raise ConfigError("adapter_prompts", f"must be >= 1, got {self.adapter_prompts}")
 
 
 def _wide(logits: torch.Tensor) -> torch.Tensor:
@@ -126,6 +143,39 @@ class GatedCrossAttentionBlock(nn.Module):
         return x + torch.tanh(self.ff_gate) * self.mlp(self.norm2(x))
 
 
+class AdaptionPrompt(nn.Module):
+    """LLaMA-Adapter's zero-init attention for one decoder layer: K learned prompts (plus the image's
+    projected feature); their keys and values come from the layer's own projections (no rotary position),
+    each text token's query (with its rotary position) attends to them in a softmax of their own, and
+    ``tanh(gate)`` per head (0 at init) scales the result. What the paper writes as one attention over
+    [prompts; words] with the scores [g softmax(S_p); softmax(S_w)] is the layer's attention plus this term."""
+
+    def __init__(self, dim: int, num_prompts: int, num_heads: int, init_std: float = 0.02):
+        super().__init__()
+        self.prompts = nn.Parameter(torch.randn(num_prompts, dim) * init_std)
+        self.gate = nn.Parameter(torch.zeros(num_heads))
+
+    def forward(self, attn: nn.Module, h: torch.Tensor, rope: Optional[tuple], visual: torch.Tensor) -> torch.Tensor:
+        """attn: the layer's attention; h (B, T, C) its normed input; visual (B, 1 or K, C) -> (B, T, C)."""
+        B, T, _ = h.shape
+        H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        qkv = attn.qkv
+        if type(qkv) in (nn.Linear, Linear):  # the query rows only (a LoRA-wrapped projection: all of it)
+            q = linear(h, qkv.weight[:H * D], None if qkv.bias is None else qkv.bias[:H * D])
+        else:
+            q = qkv(h)[..., :H * D]
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        if rope is not None:
+            q = apply_rope(q, *rope)
+        prompts = self.prompts.to(h.dtype) + visual.to(h.dtype)  # (B, K, C)
+        K = prompts.shape[1]
+        _, k, v = attn.qkv(prompts).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        k, v = (t.view(B, K, Hkv, D).transpose(1, 2) for t in (k, v))  # (B, Hkv, K, D)
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=H != Hkv)  # every token sees every prompt
+        out = (out * torch.tanh(self.gate).to(out.dtype)[:, None, None]).transpose(1, 2).reshape(B, T, H * D)
+        return attn.proj(out) - attn.proj(out.new_zeros(1, 1, H * D))  # the projection's bias is the layer's
+
+
 class VLM(nn.Module):
     """forward(input_ids (B, T), attention_mask (B, T), images (M, C, H, W) in order of appearance,
     labels (B, T) | None) -> {"logits" (B, T, V)} without labels, {"loss"} with them (-100 ignored; the
@@ -142,6 +192,16 @@ class VLM(nn.Module):
         if cfg.style == "cross_attention":
             for i in range(0, L, cfg.cross_attention_every):
                 self.xattn[str(i)] = GatedCrossAttentionBlock(dim, cfg.cross_attention_heads)
+        self.adapter = nn.ModuleDict()
+        if cfg.style == "adapter":
+            first = L - (cfg.adapter_layers or L)
+            if first < 0:
+                raise ConfigError("injection.adapter_layers",
+                                  f"must be in 0..{L} (0: every layer), got {cfg.adapter_layers}")
+            for i in range(first, L):
+                self.adapter[str(i)] = AdaptionPrompt(dim, cfg.adapter_prompts, decoder.cfg.num_heads,
+                                                      decoder.cfg.init_std)
+        if cfg.style in ("cross_attention", "adapter"):
             self.media_embed = nn.Parameter(torch.randn(dim) * decoder.cfg.init_std)
         # prompt tuning (Lester et al. 2021): learned embeddings before every sequence
         self.prompt = nn.Parameter(torch.randn(prompt_tokens, dim) * decoder.cfg.init_std) if prompt_tokens else None
@@ -178,8 +238,9 @@ class VLM(nn.Module):
         feats = self.features(torch.zeros(1, 3, self.blank_image_size, self.blank_image_size, device=device))
         text = (feats.new_zeros(1, 1, self.decoder.cfg.hidden_size),) if getattr(self.connector, "reads_text", False) else ()
         zero = self.connector(feats, *text).sum() * 0
-        if self.cfg.style == "cross_attention":
-            zero = zero + (self.media_embed.sum() + sum(p.sum() for p in self.xattn.parameters())) * 0
+        if self.cfg.style in ("cross_attention", "adapter"):
+            extra = [*self.xattn.parameters(), *self.adapter.parameters()]
+            zero = zero + (self.media_embed.sum() + sum(p.sum() for p in extra)) * 0
         entry = min(self.inject_layers) if self.cfg.style == "inject" else 0
         return lambda i, x, past: x + zero.to(x.dtype) if i == entry and not past else x
 
@@ -251,7 +312,7 @@ class VLM(nn.Module):
             raise ValueError(f"{n_marks} image placeholders for {visual.shape[0]} images x {per_image} each")
         if self.cfg.style == "tokens":
             fill = visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)
-        elif self.cfg.style == "cross_attention":
+        elif self.cfg.style in ("cross_attention", "adapter"):
             fill = self.media_embed.to(embeds.dtype).expand(n_marks, -1)
         else:
             return embeds, is_img  # inject: the placeholder keeps its token embedding until the first injection
@@ -263,7 +324,28 @@ class VLM(nn.Module):
             return None
         if self.cfg.style == "inject":
             return self._inject_hook(visual, is_img)
+        if self.cfg.style == "adapter":
+            return self._adapter_hook(visual, is_img)
         return self._xattn_hook(visual, is_img)
+
+    def _adapter_hook(self, visual: torch.Tensor, is_img: torch.Tensor):
+        B = is_img.shape[0]
+        counts = is_img.sum(1)
+        if int(counts.max()) > 1:
+            raise ValueError(f"adapter: one image per sample (its feature joins the prompts), got {int(counts.max())}")
+        K = self.cfg.adapter_prompts
+        if visual.shape[1] not in (1, K):
+            raise ValueError(f"adapter: the connector gives {visual.shape[1]} tokens per image; the prompts take "
+                             f"1 (added to each of the {K}) or {K} (one each)")
+        per_row = visual.new_zeros(B, *visual.shape[1:])  # a sample without an image: the prompts alone
+        per_row[counts.bool()] = visual
+
+        def hook(i: int, x: torch.Tensor, past: int):
+            if str(i) not in self.adapter:
+                return x
+            prompt, rows = self.adapter[str(i)], x.shape[0] // B  # beam search repeats each sample
+            return x, lambda attn, h, rope: prompt(attn, h, rope, per_row.repeat_interleave(rows, 0))
+        return hook
 
     def _inject_hook(self, visual: torch.Tensor, is_img: torch.Tensor):
         slots = {layer: j for j, layer in enumerate(self.inject_layers)}
@@ -301,8 +383,8 @@ class VLM(nn.Module):
 
     def apply_tuning(self, cfg) -> dict[str, int]:
         """Freeze / unfreeze / LoRA-wrap the components as ``cfg`` (a :class:`~vlkit.models.peft.TuningConfig`)
-        says; the Flamingo blocks, the media embedding and the soft prompt train with the connector
-        (the prompt always: it exists to be trained). Returns trainable counts per component."""
+        says; the Flamingo blocks, LLaMA-Adapter's prompts and gates and the media embedding train with the
+        connector, the soft prompt always (it exists to be trained). Returns trainable counts per component."""
         from vlkit.models.peft import set_tuning, trainable_summary
 
         set_tuning(self.features, cfg.vision, cfg)
@@ -312,7 +394,8 @@ class VLM(nn.Module):
         self.frozen_parts = tuple(name for name, mode in modes.items() if mode == "frozen")
         self.train(self.training)
         self.xattn.requires_grad_(cfg.connector != "frozen")
-        if self.cfg.style == "cross_attention":
+        self.adapter.requires_grad_(cfg.connector != "frozen")
+        if self.cfg.style in ("cross_attention", "adapter"):
             self.media_embed.requires_grad_(cfg.connector != "frozen")
         return trainable_summary(self)
 
