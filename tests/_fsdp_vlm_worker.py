@@ -19,6 +19,10 @@ from vlkit.train import fsdp
 def tiny(style: str, connector: str):
     if style == "inject":  # eP-ALM: class tokens of the 2 last ViT layers into the 2 last decoder layers
         model = make_vlm(style, features="cls_last_n", connector=connector, num_layers=2)
+    elif style == "adapter":  # LLaMA-Adapter: text-only rows read the prompts too; gates open
+        model = make_vlm(style, features="pooled", connector=connector, adapter_layers=2, adapter_prompts=3)
+        for adapter in model.adapter.values():
+            torch.nn.init.constant_(adapter.gate, 0.5)
     else:
         model = make_vlm(style=style, connector="resampler" if connector == "resampler" else "avgpool")
     if connector == "instruction_qformer":  # InstructBLIP: the connector reads the prompt
@@ -65,7 +69,8 @@ def check(style: str, connector: str) -> None:
 def main() -> int:
     torch.set_num_threads(1)
     dist.init_distributed()
-    for style, connector in (("tokens", "instruction_qformer"), ("cross_attention", "resampler"), ("inject", "linear")):
+    for style, connector in (("tokens", "instruction_qformer"), ("cross_attention", "resampler"), ("inject", "linear"),
+                             ("adapter", "mlp")):
         check(style, connector)
     dist.cleanup()
     return 0

@@ -107,6 +107,10 @@ def test_llama_adapter_equals_the_language_model_at_init_and_reads_the_image():
     assert torch.allclose(after[1], base[1], atol=1e-6)  # the other sample is untouched
     with pytest.raises(ValueError, match="one image per sample"):
         model(*prompt(model, (2, 1)))
+    ids, mask, images = prompt(model, (1, 0))  # a text-only row reads the prompts alone, in any batch
+    alone = model(ids[1:, -4:], mask[1:, -4:])["logits"]
+    assert torch.allclose(model(ids, mask, images[:1])["logits"][1, -4:], alone[0], atol=1e-5)
+    assert not torch.allclose(alone, model.decoder(ids[1:, -4:], mask[1:, -4:]), atol=1e-4)
 
 
 def test_adaption_prompts_are_the_papers_gated_attention_over_prompts_and_words():
@@ -517,8 +521,9 @@ def test_fsdp_rank_without_images_runs_the_same_blocks_and_gradients_match_one_p
     """Sharded training where one rank's batch has no image: the vision tower and connector still run (on a
     blank image, times 0) where visual tokens would enter, and no shared prefix is computed, so both ranks
     gather the same blocks in the same order (gloo aborts on a mismatch); with spliced tokens + an
-    instruction-aware Q-Former, Flamingo cross-attention and eP-ALM injection, the gathered gradients
-    equal one unsharded process's on both batches (tests/_fsdp_vlm_worker.py)."""
+    instruction-aware Q-Former, Flamingo cross-attention, eP-ALM injection and LLaMA-Adapter prompts (read by
+    text-only rows too), the gathered gradients equal one unsharded process's on both batches
+    (tests/_fsdp_vlm_worker.py)."""
     import os
     import subprocess
     import sys
@@ -531,5 +536,5 @@ def test_fsdp_rank_without_images_runs_the_same_blocks_and_gradients_match_one_p
            str(here / "_fsdp_vlm_worker.py")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
-    for case in ("tokens instruction_qformer", "cross_attention resampler", "inject linear"):
+    for case in ("tokens instruction_qformer", "cross_attention resampler", "inject linear", "adapter mlp"):
         assert f"ok {case}" in done.stdout

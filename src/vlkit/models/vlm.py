@@ -229,10 +229,11 @@ class VLM(nn.Module):
         self.share_prefix = False
         self.always_encode = True
 
-    def _idle_hook(self, device: torch.device):
+    def _idle_hook(self, device: torch.device, inner=None):
         """A decoder layer hook adding 0, computed through the vision tower and the connector on a blank image,
         where visual tokens would enter (see :meth:`prepare_sharding`): the same blocks run forward and
-        backward, in the same order, on a rank without images as on one with."""
+        backward, in the same order, on a rank without images as on one with. ``inner``: the hook of a batch
+        without images (LLaMA-Adapter's prompts), run after it."""
         if self.blank_image_size is None:
             raise ValueError("a batch without images in sharded training: set model.blank_image_size")
         feats = self.features(torch.zeros(1, 3, self.blank_image_size, self.blank_image_size, device=device))
@@ -242,7 +243,12 @@ class VLM(nn.Module):
             extra = [*self.xattn.parameters(), *self.adapter.parameters()]
             zero = zero + (self.media_embed.sum() + sum(p.sum() for p in extra)) * 0
         entry = min(self.inject_layers) if self.cfg.style == "inject" else 0
-        return lambda i, x, past: x + zero.to(x.dtype) if i == entry and not past else x
+
+        def hook(i: int, x: torch.Tensor, past: int):
+            if i == entry and not past:
+                x = x + zero.to(x.dtype)
+            return x if inner is None else inner(i, x, past)
+        return hook
 
     def placeholders_per_image(self) -> int:
         """Placeholder ids a prompt carries per image: K visual tokens (tokens), else one marker."""
@@ -319,26 +325,29 @@ class VLM(nn.Module):
         return embeds.masked_scatter(is_img[..., None], fill), is_img
 
     def _hook(self, visual: Optional[torch.Tensor], is_img: torch.Tensor):
-        """The decoder layer hook for cross-attention / injection (None for spliced tokens)."""
+        """The decoder layer hook for cross-attention / injection / adaption prompts (None for spliced tokens,
+        and without images but for the prompts, which every sample reads)."""
+        if self.cfg.style == "adapter":
+            return self._adapter_hook(visual, is_img)
         if visual is None or self.cfg.style == "tokens":
             return None
         if self.cfg.style == "inject":
             return self._inject_hook(visual, is_img)
-        if self.cfg.style == "adapter":
-            return self._adapter_hook(visual, is_img)
         return self._xattn_hook(visual, is_img)
 
-    def _adapter_hook(self, visual: torch.Tensor, is_img: torch.Tensor):
+    def _adapter_hook(self, visual: Optional[torch.Tensor], is_img: torch.Tensor):
         B = is_img.shape[0]
         counts = is_img.sum(1)
         if int(counts.max()) > 1:
             raise ValueError(f"adapter: one image per sample (its feature joins the prompts), got {int(counts.max())}")
         K = self.cfg.adapter_prompts
-        if visual.shape[1] not in (1, K):
+        if visual is not None and visual.shape[1] not in (1, K):
             raise ValueError(f"adapter: the connector gives {visual.shape[1]} tokens per image; the prompts take "
                              f"1 (added to each of the {K}) or {K} (one each)")
-        per_row = visual.new_zeros(B, *visual.shape[1:])  # a sample without an image: the prompts alone
-        per_row[counts.bool()] = visual
+        per_row = self.media_embed.new_zeros(B, 1, self.media_embed.shape[0]) if visual is None else \
+            visual.new_zeros(B, *visual.shape[1:])  # a sample without an image: the prompts alone
+        if visual is not None:
+            per_row[counts.bool()] = visual
 
         def hook(i: int, x: torch.Tensor, past: int):
             if str(i) not in self.adapter:
@@ -421,7 +430,9 @@ class VLM(nn.Module):
         embeds, is_img, attention_mask = self._with_prompt(embeds, is_img, attention_mask)
         P = self.shared_prefix(input_ids, attention_mask, labels) if labels is not None else 0
         cache = self._prefix_cache(embeds[:1, :P]) if P else None
-        hook = self._idle_hook(input_ids.device) if visual is None and self.always_encode else self._hook(visual, is_img)
+        hook = self._hook(visual, is_img)
+        if visual is None and self.always_encode:
+            hook = self._idle_hook(input_ids.device, hook)
         hidden = self.decoder.forward_hidden(inputs_embeds=embeds[:, P:], cache=cache, layer_hook=hook,
                                              attention_mask=None if attention_mask is None else attention_mask[:, P:])
         hidden = hidden[:, hidden.shape[1] - (input_ids.shape[1] - P):]  # drop the soft prompt's positions
