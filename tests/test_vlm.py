@@ -192,14 +192,7 @@ def test_gradients_reach_exactly_the_trainable_parameters(vision, connector, dec
     for block in model.xattn.values():  # open the gates so every path carries gradient
         torch.nn.init.constant_(block.attn_gate, 0.5)
         torch.nn.init.constant_(block.ff_gate, 0.5)
-    for m in model.modules():  # and LoRA's B (zero at init)
-        if hasattr(m, "lora_b"):
-            torch.nn.init.normal_(m.lora_b, std=0.1)
-    ids, mask, images = prompt_inputs(model)
-    model.train()
-    model(ids, mask, images, labels=ids.masked_fill(ids == IMG, -100))["loss"].backward()
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    trainable, got = trainable_and_reached(model)
     assert got == trainable and counts["total"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     if decoder == "lora":
         assert trainable & {n for n, _ in model.decoder.named_parameters(prefix="decoder")} == \
@@ -217,6 +210,15 @@ def test_llama_adapter_trains_its_prompts_gates_and_projection_only(decoder):
     counts = model.apply_tuning(TuningConfig(vision="frozen", connector="full", decoder=decoder))
     for adapter in model.adapter.values():  # open the gates: at 0 only they receive gradient
         torch.nn.init.constant_(adapter.gate, 0.5)
+    trainable, got = trainable_and_reached(model)
+    assert got == trainable and counts["adapter"] == 2 * (3 * 32 + 4)
+    assert {n for n in trainable if not n.startswith(("connector.", "decoder."))} == \
+        {"media_embed", *(f"adapter.{i}.{p}" for i in (2, 3) for p in ("prompts", "gate"))}
+
+
+def trainable_and_reached(model: VLM) -> tuple[set, set]:
+    """(names of trainable parameters, names a training step's gradient reaches), LoRA's B (zero at init)
+    set random first."""
     for m in model.modules():
         if hasattr(m, "lora_b"):
             torch.nn.init.normal_(m.lora_b, std=0.1)
@@ -224,10 +226,7 @@ def test_llama_adapter_trains_its_prompts_gates_and_projection_only(decoder):
     model.train()
     model(ids, mask, images, labels=ids.masked_fill(ids == IMG, -100))["loss"].backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert got == trainable and counts["adapter"] == 2 * (3 * 32 + 4)
-    assert {n for n in trainable if not n.startswith(("connector.", "decoder."))} == \
-        {"media_embed", *(f"adapter.{i}.{p}" for i in (2, 3) for p in ("prompts", "gate"))}
+    return trainable, {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
 
 
 def prompt_inputs(model):
