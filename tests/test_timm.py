@@ -78,7 +78,7 @@ def test_architecture_names_missing_from_the_table(timm, tmp_path, caplog):
     images = torch.randn(1, 3, 32, 32)
     with caplog.at_level("WARNING"), torch.no_grad():
         assert torch.allclose(vlkit.load(folder)(images), reference(images), atol=1e-4)
-    assert "assuming 3 heads, exact GELU" in caplog.text
+    assert "assuming 3 heads, gelu and LayerNorm eps 1e-6" in caplog.text
     (folder / "config.json").write_text(json.dumps({**doc, "architecture": "x", "model_args": {"num_heads": 5}}))
     with pytest.raises(CheckpointError, match="width 192 does not split into 5 heads"):
         vlkit.load(folder)
@@ -143,3 +143,31 @@ def test_a_timm_vit_folder_is_a_vlm_vision_tower(timm, tmp_path):
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():  # the run's tower is the timm model's (frozen)
         assert torch.allclose(tower.forward_features(images), load_timm_vit(folder).forward_features(images), atol=1e-5)
+
+
+def test_timm_vits_computing_otherwise_under_the_same_names_are_refused(timm, tmp_path):
+    """Post-norm blocks (ResPostBlock) have a ViT's tensor names; so do pooling choices vlkit lacks."""
+    cases = [("vit_base_patch16_rpn_224", None, {}, "computes otherwise"),
+             ("vit_tiny_patch16_224", {"pool_include_prefix": True}, {"global_pool": "avg"}, "pool_include_prefix"),
+             ("vit_tiny_patch16_224", None, {"global_pool": "max"}, "global_pool 'max'"),
+             ("vit_tiny_patch16_224", None, {"global_pool": "map"}, "next to a class token")]
+    for name, model_args, kwargs, message in cases:
+        _, folder = _save(timm, tmp_path / message[:8], name, model_args, img_size=32, patch_size=8, depth=1,
+                          num_classes=2, **kwargs)
+        with pytest.raises(CheckpointError, match=message):
+            vlkit.load(folder)
+
+
+def test_squash_preprocessing_resizes_both_sides_to_size_over_crop_pct_then_crops():
+    """timm's crop_mode='squash' (e.g. CLIP ViT-B/16 at 384 fine-tuned on ImageNet: crop_pct 0.95)."""
+    from vlkit.data.transforms import TransformConfig, build_transform
+
+    from vlkit.checkpoints.timm_vit import timm_preprocessing
+
+    _, fields = timm_preprocessing({"pretrained_cfg": {"input_size": [3, 38, 38], "crop_pct": 0.95, "crop_mode": "squash",
+                                                       "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}})
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    got = build_transform(TransformConfig(**fields), train=False)(image, torch.Generator())
+    side = int(38 / 0.95)  # 40: both sides, the aspect not kept, then the centre 38 x 38
+    want = np.asarray(image.resize((side, side), Image.BICUBIC), dtype=np.float32)[1:39, 1:39] / 255
+    torch.testing.assert_close(got, torch.from_numpy((want - 0.5) / 0.5).permute(2, 0, 1), atol=1e-6, rtol=0)

@@ -34,7 +34,7 @@ from typing import Mapping
 import torch
 
 from vlkit.checkpoints.io import CheckpointError, load_state_dict_strict, read_safetensors
-from vlkit.checkpoints.timm_vit_table import TIMM_VERSION, TIMM_VITS
+from vlkit.checkpoints.timm_vit_table import TIMM_NOT_VITS, TIMM_VERSION, TIMM_VITS
 from vlkit.encoders.vit import VisionTransformer, ViTConfig
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,10 @@ ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_ge
                "swish": "silu"}  # timm's act_layer names -> vlkit's
 _POOL_RENAMES = {"attn_pool.latent": "attn_pool.probe", "attn_pool.q.": "attn_pool.attn.q.",
                  "attn_pool.kv.": "attn_pool.attn.kv.", "attn_pool.proj.": "attn_pool.attn.proj."}
+# model_args that build, under the same tensor names, blocks or pooling vlkit's ViT does not compute
+_MODEL_ARGS_REFUSED = ("block_fn", "mlp_layer", "norm_layer", "attn_layer", "embed_layer", "pool_include_prefix",
+                       "dynamic_img_pad")
+_POOLS = ("token", "avg", "map", "")  # timm's global_pool values vlkit computes ('': unpooled)
 _REFUSED = {"reg_token": "register tokens (ViT-*-reg / DINOv2-reg)", "patch_embed.backbone.": "a hybrid convnet stem",
             "rope": "rotary position embedding (EVA)", "blocks_token_only.": "CaiT's talking-heads layout"}
 
@@ -62,12 +66,18 @@ def _facts(name: str, width: int, model_args: Mapping) -> tuple[int, str, float]
     """(heads, activation, LayerNorm epsilon): ``model_args`` (what timm builds the model with), else
     timm's registry (:data:`TIMM_VITS`), else timm's defaults (exact GELU, 1e-6; the usual heads for the
     width, :data:`HEADS_BY_WIDTH`, else width / 64), with a warning."""
+    if name in TIMM_NOT_VITS:
+        raise CheckpointError(f"timm {name}: its tensors are named as a ViT's but it computes otherwise (post-norm "
+                              "blocks, rotary embedding or other pooling): not a variant vlkit's ViT has")
+    refused = sorted(k for k in _MODEL_ARGS_REFUSED if model_args.get(k) not in (None, False))
+    if refused:
+        raise CheckpointError(f"timm {name}: model_args {refused} build a ViT vlkit's does not have")
     heads, act, eps = TIMM_VITS.get(name, (HEADS_BY_WIDTH.get(width, width // 64), "gelu", 1e-6))
-    if name not in TIMM_VITS and not {"num_heads", "act_layer"} <= set(model_args):
-        log.warning("timm %s is not in vlkit's table of timm %s ViTs: assuming %d heads, exact GELU and "
-                    "LayerNorm eps 1e-6 (model_args.num_heads / act_layer in config.json say otherwise)",
-                    name, TIMM_VERSION, heads)
     heads, act = int(model_args.get("num_heads", heads)), model_args.get("act_layer", act)
+    if name not in TIMM_VITS:
+        log.warning("timm %s is not in vlkit's table of timm %s ViTs: assuming %d heads, %s and LayerNorm eps "
+                    "1e-6 (model_args.num_heads / act_layer in config.json say otherwise)", name, TIMM_VERSION,
+                    heads, act)
     if act not in ACTIVATIONS:
         raise CheckpointError(f"timm {name}: activation {act!r} is not one of {list(ACTIVATIONS)}")
     if heads < 1 or width % heads:
@@ -96,6 +106,26 @@ def _image_size(doc: Mapping, side: int, patch: int) -> tuple[int, bool]:
     return int(size[-1]), bool(size[-1] % patch)
 
 
+def _pool(doc: Mapping, model_args: Mapping, state: Mapping[str, torch.Tensor], name: str) -> str:
+    """vlkit's global_pool for timm's (config.json's root, else model_args; '' = unpooled: vlkit pools as the
+    tokens allow, forward_features gives timm's tokens)."""
+    timm_pool = doc.get("global_pool", model_args.get("global_pool", "map" if "attn_pool.latent" in state else "token"))
+    if timm_pool not in _POOLS:
+        raise CheckpointError(f"timm {name}: global_pool {timm_pool!r} is not one of vlkit's (token, avg, map)")
+    if timm_pool == "map" or "attn_pool.latent" in state:
+        if "attn_pool.latent" not in state:
+            raise CheckpointError(f"timm {name}: global_pool 'map' without attn_pool tensors")
+        if "cls_token" in state or "dist_token" in state:  # timm pools the patch tokens only, vlkit all of them
+            raise CheckpointError(f"timm {name}: attention pooling next to a class token is not vlkit's")
+        if state["attn_pool.latent"].shape[1] != 1:
+            raise CheckpointError(f"timm {name}: attention pooling with {state['attn_pool.latent'].shape[1]} latents")
+        return "map"
+    if not timm_pool:
+        log.warning("timm %s returns its tokens unpooled; vlkit's forward pools them (forward_features: the tokens)",
+                    name)
+    return "avg" if timm_pool == "avg" or "cls_token" not in state else "token"
+
+
 def timm_vit_config(doc: Mapping, state: Mapping[str, torch.Tensor]) -> tuple[ViTConfig, bool]:
     """(the :class:`ViTConfig` of a timm ``config.json`` and its state dict, whether the position
     embedding must gain rows for the prefix tokens)."""
@@ -116,10 +146,7 @@ def timm_vit_config(doc: Mapping, state: Mapping[str, torch.Tensor]) -> tuple[Vi
     prefix = int("cls_token" in state) + int("dist_token" in state)
     side, pos_has_prefix = _grid(state, prefix, name)
     image_size, drop_remainder = _image_size(doc, side, patch)
-    avg = doc.get("global_pool") == "avg" or "cls_token" not in state
-    pool = "map" if "attn_pool.latent" in state else "avg" if avg else "token"
-    if pool == "map" and state["attn_pool.latent"].shape[1] != 1:
-        raise CheckpointError(f"timm {name}: attention pooling with {state['attn_pool.latent'].shape[1]} latents")
+    pool = _pool(doc, args, state, name)
     head = state.get("head.weight")
     heads, act, eps = _facts(name, width, args)
     cfg = ViTConfig(
@@ -184,7 +211,7 @@ def timm_preprocessing(doc: Mapping) -> tuple[list[str], dict]:
               "mean": tuple(pre.get("mean", (0.485, 0.456, 0.406))),
               "std": tuple(pre.get("std", (0.229, 0.224, 0.225))),
               "interpolation": interpolation if interpolation in ("nearest", "bilinear", "bicubic") else "bicubic",
-              "crop_pct": float(pre.get("crop_pct", 0.875))}
+              "crop_pct": float(pre.get("crop_pct") or 0.875)}
     if pre.get("crop_mode", "center") == "squash":
         fields["eval_squash"] = True
     return [str(x) for x in labels], fields

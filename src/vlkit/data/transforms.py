@@ -328,7 +328,8 @@ class TransformConfig:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)  # per-channel std divided by after ToTensor
     interpolation: Literal["nearest", "bilinear", "bicubic"] = "bicubic"  # resampling filter
     crop_pct: float = 0.875  # eval: resize shorter side to image_size / crop_pct, centre-crop
-    eval_squash: bool = False  # eval: resize to image_size x image_size, aspect not kept, no crop (SigLIP's processor)
+    eval_squash: bool = False  # eval: resize to a square image_size / crop_pct, aspect not kept, then the centre crop
+    # (SigLIP's processor with crop_pct 1; timm's crop_mode='squash')
     rrc_scale: tuple[float, float] = (0.08, 1.0)  # train RandomResizedCrop area fraction range
     rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # train RandomResizedCrop aspect ratio range
     crop_padding: int = 0  # >0: small-image recipe, resize + pad-and-random-crop instead of RRC
@@ -379,13 +380,17 @@ def build_transform(cfg: TransformConfig, train: bool) -> Compose:
     train: (RandomResizedCrop | Resize + RandomCrop(padding)) -> flip -> RandAugment ->
     ToTensor -> Normalize -> RandomErasing, each stage only when enabled in ``cfg``.
     eval: Resize(image_size / crop_pct) -> CenterCrop(image_size) -> ToTensor -> Normalize
-    (with ``crop_padding`` > 0, small images, or ``eval_squash``: Resize((image_size, image_size)) only).
+    (with ``crop_padding`` > 0, small images: Resize((image_size, image_size)) only; with ``eval_squash``:
+    Resize((s, s)), s = image_size / crop_pct, aspect not kept, then the centre crop).
     """
     size = cfg.image_size
     if train:
         ops = _train_ops(cfg)
-    elif cfg.crop_padding > 0 or cfg.eval_squash:
+    elif cfg.crop_padding > 0:
         ops = [Resize((size, size), cfg.interpolation)]
+    elif cfg.eval_squash:  # timm's crop_mode='squash': both sides to size / crop_pct, then the centre
+        side = int(math.floor(size / cfg.crop_pct))
+        ops = [Resize((side, side), cfg.interpolation)] + ([CenterCrop(size)] if side != size else [])
     else:
         ops = [Resize(int(math.floor(size / cfg.crop_pct)), cfg.interpolation), CenterCrop(size)]
     ops += [ToTensor(), Normalize(cfg.mean, cfg.std)]
