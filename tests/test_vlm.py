@@ -126,7 +126,7 @@ def test_adaption_prompts_are_the_papers_gated_attention_over_prompts_and_words(
     h, visual = torch.randn(B, T, 32), torch.randn(B, 1, 32)
     positions = torch.arange(T)[None].expand(B, -1)
     rope = dec.rope(positions)
-    got = attn(h, rope, None, True) + adapter(attn, h, rope, visual)
+    got = attn(h, rope, None, True) + adapter(attn, h, rope, adapter.keys_values(attn, visual))
     q, k, v = attn.qkv(h).split([H * D, 2 * D, 2 * D], dim=-1)
     q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)

@@ -66,12 +66,6 @@ def _facts(name: str, width: int, model_args: Mapping) -> tuple[int, str, float]
     """(heads, activation, LayerNorm epsilon): ``model_args`` (what timm builds the model with), else
     timm's registry (:data:`TIMM_VITS`), else timm's defaults (exact GELU, 1e-6; the usual heads for the
     width, :data:`HEADS_BY_WIDTH`, else width / 64), with a warning."""
-    if name in TIMM_NOT_VITS:
-        raise CheckpointError(f"timm {name}: its tensors are named as a ViT's but it computes otherwise (post-norm "
-                              "blocks, rotary embedding or other pooling): not a variant vlkit's ViT has")
-    refused = sorted(k for k in _MODEL_ARGS_REFUSED if model_args.get(k) not in (None, False))
-    if refused:
-        raise CheckpointError(f"timm {name}: model_args {refused} build a ViT vlkit's does not have")
     heads, act, eps = TIMM_VITS.get(name, (HEADS_BY_WIDTH.get(width, width // 64), "gelu", 1e-6))
     heads, act = int(model_args.get("num_heads", heads)), model_args.get("act_layer", act)
     if name not in TIMM_VITS:
@@ -130,6 +124,12 @@ def timm_vit_config(doc: Mapping, state: Mapping[str, torch.Tensor]) -> tuple[Vi
     """(the :class:`ViTConfig` of a timm ``config.json`` and its state dict, whether the position
     embedding must gain rows for the prefix tokens)."""
     name, args = doc["architecture"], doc.get("model_args") or {}
+    if name in TIMM_NOT_VITS:
+        raise CheckpointError(f"timm {name}: its tensors are named as a ViT's but it computes otherwise (post-norm "
+                              "blocks, rotary embedding or other pooling): not a variant vlkit's ViT has")
+    refused = sorted(k for k in _MODEL_ARGS_REFUSED if args.get(k) not in (None, False))
+    if refused:
+        raise CheckpointError(f"timm {name}: model_args {refused} build a ViT vlkit's does not have")
     for key in state:
         for start, what in _REFUSED.items():
             if key.startswith(start):

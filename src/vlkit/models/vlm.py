@@ -39,12 +39,12 @@ from torch import nn
 
 from vlkit.config import ConfigError
 from vlkit.decoders.causal_lm import CausalLM
-from vlkit.nn.rope import apply_rope
 from vlkit.decoders.generate import GenerationConfig, generate
 from vlkit.nn.attention import Attention
 from vlkit.nn.kv_cache import SharedPrefix
 from vlkit.nn.layers import Linear, linear
 from vlkit.nn.mlp import Mlp
+from vlkit.nn.rope import apply_rope
 
 IGNORE_INDEX = -100
 
@@ -155,10 +155,20 @@ class AdaptionPrompt(nn.Module):
         self.prompts = nn.Parameter(torch.randn(num_prompts, dim) * init_std)
         self.gate = nn.Parameter(torch.zeros(num_heads))
 
-    def forward(self, attn: nn.Module, h: torch.Tensor, rope: Optional[tuple], visual: torch.Tensor) -> torch.Tensor:
-        """attn: the layer's attention; h (B, T, C) its normed input; visual (B, 1 or K, C) -> (B, T, C)."""
-        B, T, _ = h.shape
+    def keys_values(self, attn: nn.Module, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompts plus ``visual`` (B, 1 or K, C), through the layer's key and value projections: (B, Hkv,
+        K, D) each, without rotary position; the same at every step of a generation."""
         H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        prompts = self.prompts.to(visual.dtype) + visual  # (B, K, C)
+        B, K = prompts.shape[:2]
+        _, k, v = attn.qkv(prompts).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        return k.view(B, K, Hkv, D).transpose(1, 2), v.view(B, K, Hkv, D).transpose(1, 2)
+
+    def forward(self, attn: nn.Module, h: torch.Tensor, rope: Optional[tuple],
+                kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """attn: the layer's attention; h (B, T, C) its normed input; kv: :meth:`keys_values` -> (B, T, C)."""
+        B, T, _ = h.shape
+        H, D = attn.num_heads, attn.head_dim
         qkv = attn.qkv
         if type(qkv) in (nn.Linear, Linear):  # the query rows only (a LoRA-wrapped projection: all of it)
             q = linear(h, qkv.weight[:H * D], None if qkv.bias is None else qkv.bias[:H * D])
@@ -167,11 +177,7 @@ class AdaptionPrompt(nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         if rope is not None:
             q = apply_rope(q, *rope)
-        prompts = self.prompts.to(h.dtype) + visual.to(h.dtype)  # (B, K, C)
-        K = prompts.shape[1]
-        _, k, v = attn.qkv(prompts).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        k, v = (t.view(B, K, Hkv, D).transpose(1, 2) for t in (k, v))  # (B, Hkv, K, D)
-        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=H != Hkv)  # every token sees every prompt
+        out = F.scaled_dot_product_attention(q, *kv, enable_gqa=H != kv[0].shape[1])  # every token sees every prompt
         out = (out * torch.tanh(self.gate).to(out.dtype)[:, None, None]).transpose(1, 2).reshape(B, T, H * D)
         return attn.proj(out) - attn.proj(out.new_zeros(1, 1, H * D))  # the projection's bias is the layer's
 
@@ -349,11 +355,18 @@ class VLM(nn.Module):
         if visual is not None:
             per_row[counts.bool()] = visual
 
+        kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (layer, rows): once per generation
+
         def hook(i: int, x: torch.Tensor, past: int):
             if str(i) not in self.adapter:
                 return x
             prompt, rows = self.adapter[str(i)], x.shape[0] // B  # beam search repeats each sample
-            return x, lambda attn, h, rope: prompt(attn, h, rope, per_row.repeat_interleave(rows, 0))
+
+            def extra(attn: nn.Module, h: torch.Tensor, rope: Optional[tuple]) -> torch.Tensor:
+                if (i, rows) not in kv:
+                    kv[i, rows] = prompt.keys_values(attn, per_row.repeat_interleave(rows, 0).to(h.dtype))
+                return prompt(attn, h, rope, kv[i, rows])
+            return x, extra
         return hook
 
     def _inject_hook(self, visual: torch.Tensor, is_img: torch.Tensor):
